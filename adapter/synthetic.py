@@ -1,0 +1,66 @@
+"""Random IQA-Adapter weights in the exact released key layout.
+
+No real weights can be downloaded in tests or CI, so tests, the tiny demo models and the benchmarks
+generate them. Matrices are scaled by fan-in and LayerNorm scales are 1, so the adapter's tokens
+carry signal (an all-zero adapter would make every comparison pass vacuously).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def random_adapter_state_dict(
+    cross_attention_dim: int,
+    layer_widths: list[int],
+    num_tokens: int = 2,
+    input_dim: int = 2,
+    projection_kind: str = "linear",
+    mlp_hidden_dim: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    bias_scale: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """Flat dict `image_proj.*` + `ip_adapter.<2k+1>.to_{k,v}_ip.weight`, as in released `.safetensors`.
+
+    `layer_widths[k]` is the hidden size of cross-attention layer k (diffusers attn_processors order).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def matrix(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen) / cols**0.5
+
+    def vector(n: int) -> torch.Tensor:
+        return torch.randn(n, generator=gen) * bias_scale
+
+    c = cross_attention_dim
+    sd: dict[str, torch.Tensor] = {}
+    if projection_kind == "linear":
+        sd["image_proj.proj.weight"] = matrix(num_tokens * c, input_dim)
+        sd["image_proj.proj.bias"] = vector(num_tokens * c)
+    elif projection_kind == "mlp":
+        sd["image_proj.proj.0.weight"] = matrix(mlp_hidden_dim, input_dim)
+        sd["image_proj.proj.0.bias"] = vector(mlp_hidden_dim)
+        sd["image_proj.proj.2.weight"] = matrix(num_tokens * c, mlp_hidden_dim)
+        sd["image_proj.proj.2.bias"] = vector(num_tokens * c)
+    else:
+        raise ValueError(f"projection_kind must be 'linear' or 'mlp', got {projection_kind!r}")
+    sd["image_proj.norm.weight"] = torch.ones(c)
+    sd["image_proj.norm.bias"] = vector(c)
+    for k, width in enumerate(layer_widths):
+        sd[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = matrix(width, c)
+        sd[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = matrix(width, c)
+    return {key: value.to(dtype).contiguous() for key, value in sd.items()}
+
+
+def nested_bin_layout(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The `.bin` release layout: {"image_proj": {...}, "ip_adapter": {"<i>.to_k_ip.weight": ...}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        prefix, rest = key.split(".", 1)
+        out[prefix][rest] = value
+    return out
+
+
+# Hidden widths of the cross-attention layers in diffusers attn_processors order.
+SD15_LAYER_WIDTHS = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]
+SDXL_LAYER_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10

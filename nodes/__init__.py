@@ -1,0 +1,23 @@
+"""Thin ComfyUI layer: one module per concern, each exporting NODES (a list of io.ComfyNode classes)."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import paths
+from . import guidance_nodes
+
+NODE_MODULES = [
+    guidance_nodes,
+]
+
+# ComfyUI 0.3.75 never calls ComfyExtension.on_load: register folders when the layer is imported.
+paths.register_model_folders()
+
+
+class IQAAdapterExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        nodes: list[type[io.ComfyNode]] = []
+        for module in NODE_MODULES:
+            nodes.extend(module.NODES)
+        return nodes

@@ -1,0 +1,118 @@
+"""Shared fixtures: the pack as a package, the real ComfyUI host in-process, and one real server.
+
+Nothing here mocks ComfyUI. Where the host is absent (setup not run), host tests skip loudly; CI runs
+scripts/test.sh, which sets the host up first, so there nothing is absent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+import tempfile
+
+import pytest
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+PACK_ROOT = TESTS_DIR.parent
+
+
+def _load_by_path(name: str, path: pathlib.Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_by_path("iqa_pack_loader", PACK_ROOT / "scripts" / "_pack.py").load_pack()
+comfy_server_module = _load_by_path("iqa_comfy_server", PACK_ROOT / "scripts" / "comfy_server.py")
+ComfyServer = comfy_server_module.ComfyServer
+PromptRejected = comfy_server_module.PromptRejected
+
+TINY_CHECKPOINT = "tiny_sd15.safetensors"
+TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
+
+
+def _host_missing_reason() -> str | None:
+    comfy_dir = comfy_server_module.host_dir()
+    if not (comfy_dir / "main.py").exists():
+        return f"ComfyUI host not found at {comfy_dir}: run `bash scripts/setup.sh` (CI does)"
+    if not (comfy_dir / "models" / "checkpoints" / TINY_CHECKPOINT).exists():
+        return f"tiny models missing in {comfy_dir}/models: run `bash scripts/setup.sh` (CI does)"
+    return None
+
+
+def require_host():
+    reason = _host_missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail("in CI the host must be present: " + reason)
+        pytest.skip("SKIPPED LOUDLY: " + reason)
+    return comfy_server_module.host_dir()
+
+
+@pytest.fixture(scope="session")
+def host_dir() -> pathlib.Path:
+    return require_host()
+
+
+@pytest.fixture(scope="session")
+def comfy(host_dir):
+    """The host's `comfy` package imported in this process, forced to CPU."""
+    if str(host_dir) not in sys.path:
+        sys.path.insert(0, str(host_dir))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfy, host_dir):
+    """(model, clip, vae) of the embedded tiny SD1.5 checkpoint, loaded once in-process."""
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(host_dir / "models" / "checkpoints" / TINY_CHECKPOINT))
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def comfy_server(host_dir):
+    """One real ComfyUI server for the whole session, with the pack linked into custom_nodes/."""
+    comfy_server_module.ensure_pack_linked(host_dir)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-comfy-"))
+    server = ComfyServer(work, host_dir)
+    server.start()
+    print(f"\n[comfy_server] ComfyUI at {server.url}, log {server.log_path}")
+    yield server
+    server.stop()
+
+
+def api_prompt_txt2img(ckpt=TINY_CHECKPOINT, text="a photo of a cat", negative="", seed=1, steps=2,
+                       cfg=5.0, width=64, height=64, batch=1, sampler="euler", scheduler="normal",
+                       prefix="iqa_test"):
+    """A plain API-format text-to-image graph (node ids are strings, as the server expects)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.fixture
+def txt2img():
+    return api_prompt_txt2img
