@@ -1,0 +1,338 @@
+"""Read and validate IQA-Adapter weight files; infer the architecture from tensor shapes.
+
+Release layouts (IP-Adapter convention):
+- `.safetensors`: flat keys `image_proj.<name>` and `ip_adapter.<2k+1>.to_{k,v}_ip.weight`;
+- `.bin` / `.pt` / `.pth`: a torch pickle `{"image_proj": {...}, "ip_adapter": {...}}` (a flat dict with
+  the prefixes is accepted too). Read with `torch.load(weights_only=True)` only: a pickle that would
+  run code is refused by torch before anything runs.
+
+Nothing but tensors is stored: projection kind, N (tokens), D_in, C (cross-attention dim), the MLP
+width and every layer's width are read off the shapes. Layer k (diffusers attn_processors order)
+is checkpoint key 2k+1. Everything here is pure: caching is the caller's business (`adapter_cache_key`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from . import synthetic
+from .descriptor import Descriptor, check_input_dim, resolve_descriptor
+
+PICKLE_EXTENSIONS = {".bin", ".pt", ".pth", ".ckpt"}
+SAFETENSORS_EXTENSIONS = {".safetensors", ".sft"}
+LINEAR_KEYS = {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
+MLP_KEYS = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
+LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                        "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class AdapterFileError(ValueError):
+    """A weights file that is not a valid IQA-Adapter checkpoint; the message names the file and the key."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"IQA-Adapter file {self.path}: {message}")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    projection_kind: str  # 'linear' | 'mlp'
+    num_tokens: int  # N
+    input_dim: int  # D_in
+    cross_attention_dim: int  # C
+    num_layers: int
+    layer_widths: list[int]  # hidden size of cross-attention layer k (diffusers order)
+    mlp_hidden_dim: int | None  # H for 'mlp', None for 'linear'
+    base: str  # 'sd15' | 'sdxl' | 'custom'
+    dtype: str = "float32"  # dtype stored in the file (tensors are returned as fp32)
+
+    def summary(self) -> str:
+        hidden = f", H={self.mlp_hidden_dim}" if self.mlp_hidden_dim else ""
+        return (f"{self.base}: {self.projection_kind}{hidden}, N={self.num_tokens}, D_in={self.input_dim}, "
+                f"C={self.cross_attention_dim}, {self.num_layers} layers, {self.dtype}")
+
+
+@dataclass
+class AdapterWeights:
+    info: AdapterInfo
+    image_proj: dict[str, torch.Tensor]  # keys without the `image_proj.` prefix, fp32 CPU
+    to_k_ip: list[torch.Tensor]  # by layer position k, fp32 CPU, (hidden_k, C)
+    to_v_ip: list[torch.Tensor]
+
+
+@dataclass
+class IQAAdapter:
+    """The ComfyUI `IQA_ADAPTER` object: weights + their meaning. Everything fp32, CPU."""
+    path: str
+    info: AdapterInfo
+    descriptor: Descriptor
+    projection: torch.nn.Module
+    to_k_ip: list[torch.Tensor] = field(repr=False)
+    to_v_ip: list[torch.Tensor] = field(repr=False)
+
+    def summary(self) -> str:
+        return f"{pathlib.Path(self.path).name}: {self.info.summary()}; input: {self.descriptor.label()}"
+
+
+def adapter_cache_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(resolved path, mtime_ns, size): changes when the file is replaced or rewritten."""
+    resolved = pathlib.Path(path).resolve()
+    st = resolved.stat()
+    return str(resolved), st.st_mtime_ns, st.st_size
+
+
+# ---------------------------------------------------------------- reading
+
+def _check_safetensors_header(path: pathlib.Path, size: int) -> None:
+    """Validate the header ourselves first: clear messages for truncated or lying files."""
+    if size < 8:
+        raise AdapterFileError(path, f"truncated safetensors file ({size} bytes, the 8-byte header length is missing)")
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > size - 8:
+            raise AdapterFileError(path, f"truncated or corrupt safetensors file: header claims {header_len} bytes "
+                                         f"but only {size - 8} follow")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFileError(path, "corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(path, "corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            expected = count * SAFETENSORS_ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFileError(path, f"key {key!r}: corrupt safetensors header entry {entry!r}") from None
+        if not (0 <= begin <= end <= data_len) or end - begin != expected:
+            raise AdapterFileError(path, f"key {key!r}: header says bytes {begin}..{end} for {dtype}{list(shape)} "
+                                         f"({expected} bytes) but the data section has {data_len} bytes "
+                                         "(truncated or corrupt file)")
+
+
+def _read_safetensors(path: pathlib.Path, size: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    _check_safetensors_header(path, size)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise AdapterFileError(path, f"cannot read safetensors: {error}") from None
+
+
+def _read_pickle(path: pathlib.Path) -> dict:
+    import pickle
+
+    try:
+        # weights_only=True: only tensors/containers are rebuilt; any other global is refused unexecuted.
+        # A file object, not the path: torch.load would pick a loader by extension (.safetensors).
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AdapterFileError(path, f"refused: the pickle holds more than tensors (it could run code), "
+                                     f"so it was not loaded ({first})") from None
+    except Exception as error:  # truncated zip, garbage bytes, ...
+        raise AdapterFileError(path, f"cannot read torch file (truncated or corrupt?): {type(error).__name__}: {error}") from None
+
+
+def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Flat state dict with `image_proj.` / `ip_adapter.` prefixes, tensors as stored (CPU)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise AdapterFileError(path, "is a directory, expected a .safetensors or .bin file")
+    if not path.is_file():
+        raise AdapterFileError(path, "file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterFileError(path, "empty file (0 bytes)")
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    ext = path.suffix.lower()
+    if ext not in SAFETENSORS_EXTENSIONS | PICKLE_EXTENSIONS:
+        raise AdapterFileError(path, f"unknown extension {ext!r}; expected .safetensors, .bin, .pt or .pth")
+    # Mis-named files are common (a .bin that is really safetensors): look at the content.
+    # safetensors = u64 header length + '{'; torch = zip ("PK\x03\x04") or a raw pickle (0x80, protocol).
+    looks_safetensors = len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{"
+    looks_torch = head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")
+    if looks_safetensors or (ext in SAFETENSORS_EXTENSIONS and not looks_torch):
+        loaded = _read_safetensors(path, size)
+    else:
+        loaded = _read_pickle(path)
+    return _flatten(path, loaded)
+
+
+def _flatten(path: pathlib.Path, loaded) -> dict[str, torch.Tensor]:
+    if not isinstance(loaded, dict):
+        raise AdapterFileError(path, f"expected a dict of tensors, got {type(loaded).__name__}")
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in loaded.items():
+        if key in ("image_proj", "ip_adapter") and isinstance(value, dict):
+            for sub, tensor in value.items():
+                flat[f"{key}.{sub}"] = tensor
+        else:
+            flat[str(key)] = value
+    for key, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            raise AdapterFileError(path, f"key {key!r}: expected a tensor, got {type(value).__name__}")
+    return flat
+
+
+# ---------------------------------------------------------------- validation / inference
+
+def _infer_base(cross_attention_dim: int, layer_widths: list[int]) -> str:
+    if cross_attention_dim == 768 and layer_widths == synthetic.SD15_LAYER_WIDTHS:
+        return "sd15"
+    if cross_attention_dim == 2048 and layer_widths == synthetic.SDXL_LAYER_WIDTHS:
+        return "sdxl"
+    return "custom"
+
+
+def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> AdapterWeights:
+    """Validate a flat adapter state dict strictly and return fp32 CPU weights + inferred info."""
+    proj: dict[str, torch.Tensor] = {}
+    layers: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("image_proj."):
+            proj[key[len("image_proj."):]] = tensor
+        elif key.startswith("ip_adapter."):
+            layers[key[len("ip_adapter."):]] = tensor
+        else:
+            raise AdapterFileError(path, f"unexpected key {key!r} (expected only image_proj.* and ip_adapter.*)")
+    if not proj:
+        raise AdapterFileError(path, "no image_proj.* keys (not an IQA-Adapter / IP-Adapter file?)")
+    if not layers:
+        raise AdapterFileError(path, "no ip_adapter.* keys (not an IQA-Adapter / IP-Adapter file?)")
+
+    dtypes = set()
+    for key, tensor in list(state_dict.items()):
+        if not tensor.is_floating_point():
+            raise AdapterFileError(path, f"key {key!r}: dtype {tensor.dtype} is not a floating-point type")
+        dtypes.add(str(tensor.dtype).replace("torch.", ""))
+    # Everything becomes fp32 once, here; finiteness is checked on the fp32 copy (aminmax propagates
+    # NaN and shows +-inf, and is much faster than isfinite on half-precision CPU tensors).
+    proj = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in proj.items()}
+    layers = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in layers.items()}
+    for prefix, group in (("image_proj.", proj), ("ip_adapter.", layers)):
+        for key, tensor in group.items():
+            if tensor.numel() and not all(math.isfinite(x) for x in torch.aminmax(tensor)):
+                raise AdapterFileError(path, f"key {prefix + key!r}: contains NaN or infinite values")
+
+    # Projection.
+    keys = set(proj)
+    if keys == LINEAR_KEYS:
+        kind, first, last = "linear", "proj.weight", "proj.weight"
+    elif keys == MLP_KEYS:
+        kind, first, last = "mlp", "proj.0.weight", "proj.2.weight"
+    else:
+        expected_any = sorted(LINEAR_KEYS) if any(k.startswith("proj.w") for k in keys) else sorted(MLP_KEYS)
+        missing = sorted(set(expected_any) - keys)
+        extra = sorted(keys - set(expected_any))
+        raise AdapterFileError(path, f"image_proj keys do not match a linear or mlp projection: "
+                                     f"missing {['image_proj.' + k for k in missing]}, extra {['image_proj.' + k for k in extra]}")
+    norm_w, norm_b = proj["norm.weight"], proj["norm.bias"]
+    if norm_w.dim() != 1 or norm_b.shape != norm_w.shape:
+        raise AdapterFileError(path, f"key 'image_proj.norm.weight'/'bias': expected two vectors of length C, "
+                                     f"got {list(norm_w.shape)} and {list(norm_b.shape)}")
+    c = norm_w.shape[0]
+    w_first, w_last = proj[first], proj[last]
+    for name in (first, last):
+        if proj[name].dim() != 2:
+            raise AdapterFileError(path, f"key 'image_proj.{name}': expected a matrix, got shape {list(proj[name].shape)}")
+    out_features = w_last.shape[0]
+    if out_features % c != 0:
+        raise AdapterFileError(path, f"key 'image_proj.{last}': {out_features} output features is not a multiple of "
+                                     f"C={c} (from image_proj.norm.weight)")
+    input_dim = w_first.shape[1]
+    hidden = None
+    if kind == "linear":
+        bias_checks = [("proj.bias", out_features)]
+    else:
+        hidden = w_first.shape[0]
+        if w_last.shape[1] != hidden:
+            raise AdapterFileError(path, f"key 'image_proj.proj.2.weight': takes {w_last.shape[1]} inputs but "
+                                         f"image_proj.proj.0 gives {hidden}")
+        bias_checks = [("proj.0.bias", hidden), ("proj.2.bias", out_features)]
+    for name, length in bias_checks:
+        if list(proj[name].shape) != [length]:
+            raise AdapterFileError(path, f"key 'image_proj.{name}': expected shape [{length}], got {list(proj[name].shape)}")
+
+    # Cross-attention layers: exactly keys 1, 3, ..., 2L-1, each with to_k_ip and to_v_ip.
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in layers.items():
+        match = LAYER_KEY.match(key)
+        if not match:
+            raise AdapterFileError(path, f"unexpected key 'ip_adapter.{key}' (expected ip_adapter.<odd index>.to_k_ip.weight / to_v_ip.weight)")
+        by_index.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+    num_layers = len(by_index)
+    expected = [2 * k + 1 for k in range(num_layers)]
+    found = sorted(by_index)
+    if found != expected:
+        odd_missing = sorted(set(range(1, 2 * max(found) + 2, 2)) - set(found))
+        stray = [i for i in found if i % 2 == 0]
+        detail = []
+        if stray:
+            detail.append(f"even (non cross-attention) index {['ip_adapter.%d' % i for i in stray]}")
+        if odd_missing:
+            detail.append(f"missing {['ip_adapter.%d.to_k_ip.weight' % i for i in odd_missing]}")
+        raise AdapterFileError(path, "cross-attention layer keys must be exactly ip_adapter.1, 3, ..., 2L-1: "
+                                     + "; ".join(detail))
+    to_k, to_v, widths = [], [], []
+    for k, index in enumerate(expected):
+        pair = by_index[index]
+        for name in ("to_k_ip", "to_v_ip"):
+            if name not in pair:
+                raise AdapterFileError(path, f"missing key 'ip_adapter.{index}.{name}.weight'")
+        wk, wv = pair["to_k_ip"], pair["to_v_ip"]
+        if wk.dim() != 2 or wk.shape[1] != c:
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_k_ip.weight': expected shape (hidden, C={c}), got {list(wk.shape)}")
+        if wv.shape != wk.shape:
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_v_ip.weight': shape {list(wv.shape)} differs from "
+                                         f"to_k_ip {list(wk.shape)}")
+        widths.append(int(wk.shape[0]))
+        to_k.append(wk)
+        to_v.append(wv)
+
+    info = AdapterInfo(
+        projection_kind=kind, num_tokens=out_features // c, input_dim=int(input_dim), cross_attention_dim=int(c),
+        num_layers=num_layers, layer_widths=widths, mlp_hidden_dim=hidden, base=_infer_base(c, widths),
+        dtype="/".join(sorted(dtypes)),
+    )
+    return AdapterWeights(info=info, image_proj=proj, to_k_ip=to_k, to_v_ip=to_v)
+
+
+def load_adapter_weights(path: str | os.PathLike) -> AdapterWeights:
+    return split_state_dict(read_adapter_file(path), path)
+
+
+def load_adapter(path: str | os.PathLike, descriptor: Descriptor | None = None) -> IQAAdapter:
+    """Read, validate, build the projection and attach the descriptor (sidecar > catalog > error).
+
+    A given `descriptor` replaces the lookup; its input size must still equal the weights' D_in.
+    """
+    from .projection import QualityProjection
+
+    weights = load_adapter_weights(path)
+    info = weights.info
+    if descriptor is None:
+        descriptor = resolve_descriptor(path, info.input_dim)
+    else:
+        check_input_dim(descriptor, info.input_dim, path)
+    projection = QualityProjection.from_weights(weights.image_proj, info, source=str(path))
+    return IQAAdapter(path=str(path), info=info, descriptor=descriptor, projection=projection,
+                      to_k_ip=weights.to_k_ip, to_v_ip=weights.to_v_ip)

@@ -1,0 +1,115 @@
+"""The checkpoint's layer order (diffusers attn_processors order) mapped to the host's attn2 patch keys.
+
+Nothing is hard-coded: the full SD1.5 and SDXL diffusers UNets are built on the meta device (no
+memory, no weights), their `attn_processors` give the order the authors loaded `ip_adapter.<2k+1>`
+in, and the host's own `comfy.model_detection.unet_config_from_diffusers_unet` +
+`comfy.utils.unet_to_diffusers` translate each attn2 to its LDM/ComfyUI block. adapter/layers.py
+must produce exactly that sequence from the host's unet_config alone.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from _pack import load_pack  # noqa: E402
+
+load_pack()
+from comfyui_iqa_adapter.adapter import layers, synthetic  # noqa: E402
+
+HOST = ROOT / ".host" / "ComfyUI"
+
+SD15_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+)
+
+
+@pytest.fixture(scope="module")
+def host():
+    if not (HOST / "comfy" / "utils.py").is_file():
+        pytest.skip(f"SKIPPED LOUDLY: ComfyUI host not found at {HOST} (run scripts/setup.sh); "
+                    "cannot compare the layer order with the host's own key map")
+    if str(HOST) not in sys.path:
+        sys.path.insert(0, str(HOST))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_detection
+    import comfy.utils
+
+    return comfy
+
+
+def diffusers_unet(config):
+    diffusers = pytest.importorskip("diffusers", reason="SKIPPED LOUDLY: diffusers is needed to build the reference UNets")
+    with torch.device("meta"):
+        return diffusers.UNet2DConditionModel(**config)
+
+
+LDM_ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.1\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
+
+
+def host_order(comfy, unet):
+    """attn2 layers in diffusers attn_processors order, as (host key, hidden width), plus the host's unet_config."""
+    state = unet.state_dict()  # meta tensors: shapes only
+    unet_config = comfy.model_detection.unet_config_from_diffusers_unet(state)
+    assert unet_config is not None, "the host did not recognise this diffusers UNet"
+    key_map = comfy.utils.unet_to_diffusers(unet_config)  # diffusers name -> LDM name
+    keys, widths = [], []
+    for name in unet.attn_processors:
+        if ".attn2." not in name:
+            continue
+        diffusers_key = name.replace(".processor", ".to_k.weight")
+        match = LDM_ATTN2.match(key_map[diffusers_key])
+        assert match, key_map[diffusers_key]
+        block, block_id, middle, index = match.groups()
+        # The host calls the mid block ("middle", 0) in transformer_options (middle_block.1 is its transformer).
+        keys.append(("middle", 0, int(index)) if middle else (block, int(block_id), int(index)))
+        widths.append(state[diffusers_key].shape[0])
+    return keys, widths, unet_config
+
+
+@pytest.mark.parametrize("config, expected_widths, context_dim", [
+    (SD15_CONFIG, synthetic.SD15_LAYER_WIDTHS, 768),
+    (SDXL_CONFIG, synthetic.SDXL_LAYER_WIDTHS, 2048),
+], ids=["sd15", "sdxl"])
+def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, context_dim):
+    unet = diffusers_unet(config)
+    expected_keys, expected_model_widths, unet_config = host_order(host, unet)
+    assert len(expected_keys) == len(expected_widths)  # 16 / 70
+    keys, widths = layers.layers_from_unet_config(unet_config)
+    assert keys == expected_keys
+    assert widths == expected_model_widths == expected_widths
+    assert unet_config["context_dim"] == context_dim
+    # The middle block is last, as in diffusers (not in LDM execution order).
+    assert keys[-1][0] == "middle" and all(k[0] != "middle" for k in keys[:-int(unet_config["transformer_depth_middle"])])
+
+    # Same order from an unordered layout list.
+    layout = layers.layout_from_unet_config(unet_config)
+    shuffled = [(name, block_id, depth) for name, block_id, depth, _ in reversed(layout)]
+    assert layers.ordered_layer_keys(shuffled) == expected_keys
+    layers.check_layers_match(expected_widths, context_dim, widths, unet_config["context_dim"])
+
+
+def test_sd15_adapter_refused_on_sdxl_layout(host):
+    _, sdxl_widths, sdxl_config = host_order(host, diffusers_unet(SDXL_CONFIG))
+    with pytest.raises(ValueError, match=r"16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
+        layers.check_layers_match(synthetic.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])
