@@ -1,0 +1,447 @@
+"""Quality-target sweeps ("degradation studies"): target spacing, Spearman's rho, report tables and plots.
+
+Host-free (numpy, matplotlib with the Agg backend, Pillow). Used by nodes/sweep_nodes.py
+(IQATargetSweep, IQASweepReport) and by the CLI scripts/sweep.py, so both write the same report:
+a grid PNG (each image labelled with its target and measured score), a chart PNG (measured score vs
+target per metric, with the ideal monotone line and Spearman's rho), a CSV table and a JSON file.
+
+A sweep conditions every image of one batch on its own target (row i of the tokens <-> latent i), so a
+single sampler run renders the whole sweep. The paper uses low targets as a degradation model and
+reports that scores follow the target monotonically (reference README 3.3): rho is the check.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import pathlib
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..models import stats as cc3m
+from ..models.metrics import metric_info
+from . import quality
+
+# linear: evenly spaced values; quantile-knots: the CC3M quantile levels inside [from, to] (exact
+# statistics, percentile mode only; 'steps' ignored); normal: evenly spaced in z = Phi^-1(p/100), i.e.
+# denser towards the tails where percentiles move the raw score most (percentile mode; else linear).
+SPACINGS = ("linear", "quantile-knots", "normal")
+CC3M_KNOTS = tuple(float(level) for level in cc3m.QUANTILE_LEVELS)
+MAX_SWEEP_STEPS = 256
+
+REPORT_COLUMNS = ("prompt", "seed", "model", "adapter", "index", "image", "target_mode", "swept_metrics",
+                  "target", "target_raw", "metric", "lower_better", "score")
+
+
+def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile") -> list[float]:
+    """The swept target values, from `start` to `stop` (either order), `steps` of them (see SPACINGS)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
+    if mode not in quality.TARGET_MODES:
+        raise ValueError(f"mode must be one of {list(quality.TARGET_MODES)}, got {mode!r}")
+    start, stop = float(start), float(stop)
+    if not (math.isfinite(start) and math.isfinite(stop)):
+        raise ValueError(f"from/to must be finite, got {start} / {stop}")
+    steps = int(steps)
+    if not 1 <= steps <= MAX_SWEEP_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_SWEEP_STEPS}], got {steps}")
+    if mode == "percentile":
+        for name, value in (("from", start), ("to", stop)):
+            if not 0.0 < value < 100.0:
+                raise ValueError(f"percentile '{name}' must be strictly between 0 and 100, got {value:g}")
+    if spacing == "quantile-knots":
+        if mode != "percentile":
+            raise ValueError("spacing 'quantile-knots' needs mode 'percentile' (the knots are CC3M percentiles)")
+        low, high = min(start, stop), max(start, stop)
+        values = sorted({low, high, *[k for k in CC3M_KNOTS if low <= k <= high]})
+        return values if start <= stop else values[::-1]
+    if steps == 1:
+        return [start]
+    if spacing == "normal" and mode == "percentile":
+        normal = NormalDist()
+        z = np.linspace(normal.inv_cdf(start / 100.0), normal.inv_cdf(stop / 100.0), steps)
+        values = [100.0 * normal.cdf(float(v)) for v in z]
+        values[0], values[-1] = start, stop  # exact ends despite the round trip
+        return values
+    return [float(v) for v in np.linspace(start, stop, steps)]
+
+
+def resolve_metrics(adapter_metrics: Sequence[str], text: str) -> list[str]:
+    """'topiq_nr, laion_aes' -> the swept metrics (empty text: all of the adapter's metrics)."""
+    names = [name.strip() for name in str(text or "").replace(";", ",").split(",") if name.strip()]
+    if not names:
+        return list(adapter_metrics)
+    unknown = [name for name in names if name not in adapter_metrics]
+    if unknown:
+        raise ValueError(f"metric(s) {unknown} are not inputs of this adapter; it takes {list(adapter_metrics)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a metric is listed twice: {names}")
+    return [m for m in adapter_metrics if m in names]  # adapter order
+
+
+def hold_value(metric: str, hold: str, mode: str) -> float | None:
+    """Value for a metric that is not swept: '' = the CC3M median in the sweep's mode, a number = that
+    value (in the sweep's mode), 'same' = None (follow the swept value)."""
+    text = str(hold or "").strip().lower()
+    if text == "same":
+        return None
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"hold must be empty (CC3M median), 'same', or a number; got {hold!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"hold must be finite, got {hold!r}")
+        return value
+    if mode == "percentile":
+        return 50.0
+    if mode == "zscore":
+        return 0.0
+    return cc3m.get_stats(metric).quantiles[50]
+
+
+@dataclass
+class SweepTargets:
+    """The `IQA_TARGETS` object: what each batch row was conditioned on (row i <-> image i)."""
+    mode: str
+    swept_metrics: list[str]
+    values: list[float]                      # the swept value of row i (x axis of the chart)
+    rows: list[dict[str, float]]            # the complete target of row i (every adapter metric)
+    spacing: str = "linear"
+    raw: list[dict] = field(default_factory=list)  # row i: metric -> raw value (None when unknown)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SweepTargets":
+        data = json.loads(text)
+        return cls(**data)
+
+
+def build_sweep(adapter_metrics: Sequence[str], metrics_text: str, start: float, stop: float, steps: int,
+                mode: str = "percentile", spacing: str = "linear", hold: str = "",
+                descriptor=None) -> SweepTargets:
+    """All rows of a sweep: swept metrics get each value, the others their hold value."""
+    swept = resolve_metrics(adapter_metrics, metrics_text)
+    values = sweep_values(start, stop, steps, spacing, mode)
+    held = {m: hold_value(m, hold, mode) for m in adapter_metrics if m not in swept}
+    rows = []
+    for value in values:
+        rows.append({m: (float(value) if m in swept or held[m] is None else float(held[m])) for m in adapter_metrics})
+    raw = []
+    for row in rows:
+        entry = {}
+        for metric, value in row.items():
+            if mode == "zscore" and descriptor is None:
+                entry[metric] = None  # needs the adapter's mean/std
+                continue
+            try:
+                entry[metric] = quality.target_to_raw(descriptor, metric, value, mode)
+            except ValueError:
+                entry[metric] = None
+        raw.append(entry)
+    return SweepTargets(mode, swept, [float(v) for v in values], rows, spacing, raw)
+
+
+def targets_text(rows: Sequence[dict[str, float]]) -> str:
+    """Rows in the syntax IQAAdapterEncodeTarget reads: 'a=1, b=2; a=3, b=4'."""
+    return "; ".join(", ".join(f"{m}={v:.6g}" for m, v in row.items()) for row in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+def rank_average(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, ties get the mean of their ranks (as Spearman's rho needs)."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson of average ranks); NaN when undefined (n < 2 or a constant)."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman_rho: {len(x)} targets but {len(y)} scores")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = rank_average(x), rank_average(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def lower_better(metric: str, known: dict[str, bool] | None = None) -> bool:
+    if known and metric in known:
+        return bool(known[metric])
+    try:
+        return metric_info(metric).lower_better
+    except ValueError:
+        return False
+
+
+def summarize(values: Sequence[float], scores: dict[str, Sequence[float]],
+              directions: dict[str, bool] | None = None) -> dict[str, dict]:
+    """Per measured metric: rho(target, score), the expected sign (+1 higher-better, -1 lower-better),
+    and the direction-corrected rho (1 = scores follow the targets perfectly)."""
+    out = {}
+    for metric, series in scores.items():
+        rho = spearman_rho(values, series)
+        sign = -1.0 if lower_better(metric, directions) else 1.0
+        out[metric] = {"rho": rho, "expected_sign": int(sign), "aligned_rho": sign * rho if math.isfinite(rho) else rho,
+                       "n": int(len(series)), "lower_better": sign < 0}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+
+def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image_names: Sequence[str],
+                meta: dict | None = None, directions: dict[str, bool] | None = None,
+                per_image_meta: Sequence[dict] | None = None) -> list[dict]:
+    """One row per (image, measured metric); per_image_meta[i] overrides meta for image i (CLI: prompt, seed)."""
+    meta = meta or {}
+    n = len(targets)
+    for metric, series in scores.items():
+        if len(series) != n:
+            raise ValueError(f"{metric}: {len(series)} scores for {n} targets (one score per image expected)")
+    if len(image_names) != n:
+        raise ValueError(f"{len(image_names)} image names for {n} targets")
+    swept = targets.swept_metrics
+    rows = []
+    for i in range(n):
+        raw_of_first = (targets.raw[i].get(swept[0]) if targets.raw and swept else None)
+        item = {**meta, **(per_image_meta[i] if per_image_meta else {})}
+        for metric, series in scores.items():
+            rows.append({
+                "prompt": item.get("prompt", ""), "seed": item.get("seed", ""), "model": item.get("model", ""),
+                "adapter": item.get("adapter", ""), "index": i, "image": image_names[i],
+                "target_mode": targets.mode, "swept_metrics": "+".join(swept), "target": float(targets.values[i]),
+                "target_raw": "" if raw_of_first is None else float(raw_of_first), "metric": metric,
+                "lower_better": lower_better(metric, directions), "score": float(series[i]),
+            })
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: str | pathlib.Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(report: dict, path: str | pathlib.Path) -> None:
+    def clean(value):  # JSON has no NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    pathlib.Path(path).write_text(json.dumps(clean(report), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------
+
+def _format_target(value: float, mode: str) -> str:
+    return {"percentile": f"p{value:.3g}", "zscore": f"z={value:+.2f}", "raw": f"{value:.4g}"}[mode]
+
+
+def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[float]], mode: str,
+                         swept_metrics: Sequence[str] = (), directions: dict[str, bool] | None = None,
+                         ideal: dict[str, Sequence[float]] | None = None, groups: Sequence[str] | None = None,
+                         title: str = "") -> np.ndarray:
+    """Chart (one panel per measured metric) -> uint8 (H, W, 3).
+
+    Points: measured scores (several images per target: all drawn, the mean connected). Dashed line:
+    the ideal monotone response — the raw score the target stands for, where the measured metric is a
+    swept one with CC3M statistics (`ideal`), else a straight line from the lowest to the highest
+    measured score, rising for higher-is-better metrics and falling for lower-is-better ones.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    metrics = list(scores)
+    if not metrics:
+        raise ValueError("no scores to plot")
+    x = np.asarray(values, dtype=np.float64)
+    summary = summarize(values, scores, directions)
+    figure = Figure(figsize=(4.6 * len(metrics), 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    x_label = {"percentile": "target (CC3M percentile)", "zscore": "target (z-score)", "raw": "target (raw)"}[mode]
+    if swept_metrics:
+        x_label += " of " + " + ".join(swept_metrics)
+    for axis, metric in zip(axes, metrics):
+        y = np.asarray(scores[metric], dtype=np.float64)
+        group_names = sorted(set(groups)) if groups is not None else [None]
+        for name in group_names:
+            mask = np.ones(len(x), bool) if name is None else np.array([g == name for g in groups])
+            axis.scatter(x[mask], y[mask], s=22, alpha=0.8, label=name if name and len(group_names) > 1 else None)
+        unique_x = np.unique(x[np.isfinite(x)])
+        means = np.array([np.nanmean(y[x == u]) for u in unique_x])
+        axis.plot(unique_x, means, color="tab:blue", linewidth=1.2, label="measured (mean)")
+        lower = summary[metric]["lower_better"]
+        if ideal and metric in ideal and ideal[metric] is not None:
+            axis.plot(x, np.asarray(ideal[metric], dtype=np.float64), "--", color="tab:green", linewidth=1.2,
+                      label="ideal (score the target asks for)")
+        elif len(unique_x) > 1 and np.isfinite(y).any():
+            low, high = float(np.nanmin(y)), float(np.nanmax(y))
+            ends = (high, low) if lower else (low, high)
+            axis.plot([unique_x[0], unique_x[-1]], list(ends), "--", color="tab:gray", linewidth=1.0,
+                      label="ideal monotone " + ("(lower is better)" if lower else "(higher is better)"))
+        rho = summary[metric]["rho"]
+        text = f"Spearman rho = {rho:+.3f}" if math.isfinite(rho) else "Spearman rho: undefined"
+        text += f"\nexpected sign {'-' if lower else '+'} ({'lower' if lower else 'higher'} is better)"
+        axis.text(0.03, 0.97, text, transform=axis.transAxes, va="top", fontsize=9,
+                  bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+        axis.set_xlabel(x_label, fontsize=9)
+        axis.set_ylabel(f"{metric} (measured)", fontsize=9)
+        axis.set_title(metric, fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    canvas = figure.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def make_grid(images: np.ndarray, captions: Sequence[str], columns: int | None = None) -> np.ndarray:
+    """(B, H, W, 3) floats in [0, 1] or uint8 + one caption per image -> labelled grid uint8 (H', W', 3)."""
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"make_grid: expected images (B, H, W, C), got {list(images.shape)}")
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    images = images[..., :3]
+    b, h, w, _ = images.shape
+    if len(captions) != b:
+        raise ValueError(f"make_grid: {len(captions)} captions for {b} images")
+    columns = columns or min(b, max(1, math.ceil(math.sqrt(b * 1.5))))
+    rows = math.ceil(b / columns)
+    font_size = max(10, min(28, w // 11))
+    lines = max(1, max(c.count("\n") + 1 for c in captions))
+    strip = lines * (font_size + 4) + 6
+    pad = 4
+    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + strip + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_size)
+    for i in range(b):
+        r, c = divmod(i, columns)
+        x0, y0 = pad + c * (w + pad), pad + r * (h + strip + pad)
+        canvas.paste(Image.fromarray(images[i]), (x0, y0))
+        draw.multiline_text((x0 + 2, y0 + h + 3), captions[i], fill=(0, 0, 0), font=font, spacing=4)
+    return np.asarray(canvas)
+
+
+def caption(value: float, mode: str, scores: dict[str, float]) -> str:
+    parts = [f"target {_format_target(value, mode)}"]
+    parts += [f"{metric} {score:.4g}" for metric, score in scores.items()]
+    return "\n".join(parts)
+
+
+def save_png(array: np.ndarray, path: str | pathlib.Path) -> None:
+    from PIL import Image
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = _io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ideal_scores(targets: SweepTargets, measured: Sequence[str]) -> dict[str, list[float] | None]:
+    """For measured metrics that were swept and have raw values: the raw score each row asked for."""
+    out = {}
+    for metric in measured:
+        if metric in targets.swept_metrics and targets.raw and all(r.get(metric) is not None for r in targets.raw):
+            out[metric] = [float(r[metric]) for r in targets.raw]
+        else:
+            out[metric] = None
+    return out
+
+
+def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, scores: dict[str, Sequence[float]],
+                 images: np.ndarray | None, image_names: Sequence[str], meta: dict | None = None,
+                 directions: dict[str, bool] | None = None, grid: np.ndarray | None = None,
+                 groups: Sequence[str] | None = None, per_image_meta: Sequence[dict] | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Write <stem>_grid.png, <stem>_chart.png, <stem>.csv, <stem>.json in out_dir; returns paths, arrays, summary."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    table = build_table(targets, scores, image_names, meta, directions, per_image_meta)
+    summary = summarize(targets.values, scores, directions)
+    if grid is None and images is not None:
+        captions = [caption(targets.values[i], targets.mode, {m: float(s[i]) for m, s in scores.items()})
+                    for i in range(len(targets))]
+        grid = make_grid(images, captions)
+    title_bits = [meta.get("model") or "", meta.get("adapter") or ""]
+    chart = plot_score_vs_target(targets.values, scores, targets.mode, targets.swept_metrics, directions,
+                                 ideal_scores(targets, list(scores)), groups,
+                                 title=" | ".join(b for b in title_bits if b))
+    paths = {"chart": out_dir / f"{stem}_chart.png", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
+    save_png(chart, paths["chart"])
+    if grid is not None:
+        paths["grid"] = out_dir / f"{stem}_grid.png"
+        save_png(grid, paths["grid"])
+    write_csv(table, paths["csv"])
+    write_json({**meta, "targets": asdict(targets), "summary": summary, "rows": table,
+                "files": {k: p.name for k, p in paths.items()}}, paths["json"])
+    if progress:
+        progress(f"report written to {out_dir}")
+    return {"paths": paths, "chart": chart, "grid": grid, "summary": summary, "table": table}
+
+
+def summary_text(summary: dict[str, dict]) -> str:
+    lines = []
+    for metric, entry in summary.items():
+        rho = entry["rho"]
+        rho_text = f"{rho:+.3f}" if math.isfinite(rho) else "undefined"
+        lines.append(f"{metric}: Spearman rho {rho_text} over {entry['n']} images "
+                     f"(expected sign {'-' if entry['lower_better'] else '+'})")
+    return "\n".join(lines)

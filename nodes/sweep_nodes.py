@@ -1,0 +1,232 @@
+"""Degradation studies: IQATargetSweep (one token row per target) and IQASweepReport (grid, chart, CSV, JSON).
+
+Thin glue: spacing, statistics, tables and plots are adapter/sweep.py. Wire IQATargetSweep's tokens into
+IQAAdapterApply and its `count` into the latent batch size: one sampler run renders the whole sweep
+(row i of the tokens conditions latent i).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..adapter import iqa_models, projection, quality, sweep
+
+CATEGORY = "IQA-Adapter"
+IQAAdapterType = io.Custom("IQA_ADAPTER")
+QualityTokensType = io.Custom("QUALITY_TOKENS")
+TargetsType = io.Custom("IQA_TARGETS")
+ScoresType = io.Custom("IQA_SCORES")
+MetricType = io.Custom("IQA_METRIC")
+
+
+def _fail(node: str, input_name: str, message: str):
+    raise ValueError(f"{node}: {input_name}: {message}")
+
+
+class IQATargetSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IQATargetSweep",
+            display_name="IQA-Adapter Target Sweep",
+            category=CATEGORY,
+            description="Quality tokens for a sweep of targets (one row per target, e.g. percentile 1 -> 99: a "
+                        "degradation study). Feed the tokens to IQA-Adapter Apply and 'count' to the latent batch "
+                        "size: one sampler run renders every target.",
+            inputs=[
+                IQAAdapterType.Input("adapter"),
+                io.String.Input("metrics", default="",
+                                tooltip="Metrics to sweep, comma separated. Empty: all of the adapter's metrics "
+                                        "move together."),
+                io.Float.Input("start", display_name="from", default=1.0, min=-1000.0, max=1000.0, step=0.5,
+                               tooltip="First target (percentile in (0, 100), z-score or raw, see mode)."),
+                io.Float.Input("stop", display_name="to", default=99.0, min=-1000.0, max=1000.0, step=0.5,
+                               tooltip="Last target."),
+                io.Int.Input("steps", default=8, min=1, max=sweep.MAX_SWEEP_STEPS,
+                             tooltip="Number of targets (ignored by 'quantile-knots')."),
+                io.Combo.Input("mode", options=list(quality.TARGET_MODES), default="percentile",
+                               tooltip="percentile: CC3M percentile; zscore: normalised value; raw: metric units."),
+                io.Combo.Input("spacing", options=list(sweep.SPACINGS), default="linear",
+                               tooltip="linear: evenly spaced; quantile-knots: the CC3M quantile levels "
+                                       "(1, 5, 10, 25, 50, 75, 90, 95, 99) inside [from, to]; normal: evenly "
+                                       "spaced in z, denser in the tails (percentile mode)."),
+                io.String.Input("hold", default="",
+                                tooltip="Value of the adapter's metrics that are not swept: empty = CC3M median "
+                                        "(p50 / z 0 / raw median), a number (in 'mode' units), or 'same' = the "
+                                        "swept value."),
+                io.Float.Input("negative_scale", default=0.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="0: unconditional tokens = projection(0). k > 0: negative quality "
+                                       "guidance projection(-k * v)."),
+            ],
+            outputs=[
+                QualityTokensType.Output(display_name="tokens"),
+                TargetsType.Output(display_name="targets"),
+                io.Int.Output(display_name="count"),
+                io.String.Output(display_name="targets_text"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, adapter, metrics, start, stop, steps, mode, spacing, hold, negative_scale) -> io.NodeOutput:
+        node = "IQATargetSweep"
+        descriptor = adapter.descriptor
+        if descriptor.kind != "score":
+            _fail(node, "adapter", "this is a reference-image adapter; a target sweep needs a score adapter")
+        try:
+            sweep.resolve_metrics(descriptor.metrics, metrics)
+        except ValueError as error:
+            _fail(node, "metrics", str(error))
+        try:
+            sweep.hold_value(descriptor.metrics[0], hold, mode)
+        except ValueError as error:
+            _fail(node, "hold", str(error))
+        try:
+            targets = sweep.build_sweep(descriptor.metrics, metrics, start, stop, steps, mode, spacing, hold, descriptor)
+        except ValueError as error:
+            _fail(node, "from/to/steps/spacing", str(error))
+        try:
+            vectors = quality.build_quality_vector(descriptor, targets.rows, mode)
+            labels = [quality.describe_target(descriptor, row, mode) for row in targets.rows]
+            tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
+        except ValueError as error:
+            _fail(node, "hold" if "hold" in str(error) else "from/to", str(error))
+        return io.NodeOutput(tokens, targets, len(targets), sweep.targets_text(targets.rows))
+
+
+def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float]]:
+    """Accept what a scoring node may hand over: {metric: [floats]}, an object with `.scores` / `.by_metric`
+    (such a dict) or with `.metric` + `.values`; returns {metric: list of floats}."""
+    data = scores
+    for attribute in ("by_metric", "scores"):
+        if not isinstance(data, dict) and hasattr(data, attribute) and isinstance(getattr(data, attribute), dict):
+            data = getattr(data, attribute)
+    if not isinstance(data, dict) and hasattr(data, "metric") and hasattr(data, "values"):
+        data = {data.metric: data.values}
+    if isinstance(data, dict) and "metric" in data and "values" in data and len(data) <= 4:
+        data = {data["metric"]: data["values"]}
+    if not isinstance(data, dict) or not data:
+        _fail(node, input_name, f"expected scores from IQA Score ({{metric: [one float per image]}}), got "
+                                f"{type(scores).__name__}")
+    out = {}
+    for metric, values in data.items():
+        if isinstance(values, torch.Tensor):
+            values = values.detach().float().cpu().reshape(-1).tolist()
+        try:
+            out[str(metric)] = [float(v) for v in values]
+        except (TypeError, ValueError):
+            _fail(node, input_name, f"scores of {metric!r} are not a list of numbers")
+    return out
+
+
+def _directions(scores) -> dict[str, bool]:
+    """lower_better per metric if the score object carries it."""
+    for attribute in ("lower_better",):
+        value = getattr(scores, attribute, None)
+        if isinstance(value, dict):
+            return {str(k): bool(v) for k, v in value.items()}
+        if isinstance(value, bool) and hasattr(scores, "metric"):
+            return {scores.metric: value}
+    return {}
+
+
+class IQASweepReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IQASweepReport",
+            display_name="IQA-Adapter Sweep Report",
+            category=CATEGORY,
+            description="Report of a target sweep: labelled image grid, chart of measured score vs target "
+                        "(Spearman's rho, ideal monotone line), and CSV + JSON tables, saved in the output folder.",
+            inputs=[
+                io.Image.Input("images", tooltip="The sweep's images, image i rendered with target i."),
+                TargetsType.Input("targets", tooltip="From IQA-Adapter Target Sweep."),
+                ScoresType.Input("scores", optional=True, tooltip="From IQA Score (one score per image)."),
+                ScoresType.Input("scores_2", optional=True, tooltip="A second metric's scores (optional)."),
+                MetricType.Input("metric", optional=True,
+                                 tooltip="Score the images here with this metric (when no 'scores' are wired)."),
+                io.String.Input("filename_prefix", default="iqa_sweep/sweep",
+                                tooltip="Path prefix inside the output folder."),
+                io.String.Input("prompt_text", default="", optional=True, tooltip="The prompt, for the table (optional)."),
+                io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                             tooltip="The sampler's seed, for the table (optional)."),
+                io.String.Input("model_name", default="", optional=True, tooltip="Checkpoint name, for the table (optional)."),
+                io.String.Input("adapter_name", default="", optional=True, tooltip="Adapter name, for the table (optional)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid"),
+                io.Image.Output(display_name="chart"),
+                io.String.Output(display_name="summary"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, targets, filename_prefix, scores=None, scores_2=None, metric=None, prompt_text="",
+                sample_seed=0, model_name="", adapter_name="") -> io.NodeOutput:
+        node = "IQASweepReport"
+        if not isinstance(targets, sweep.SweepTargets):
+            _fail(node, "targets", "expected IQA_TARGETS from IQA-Adapter Target Sweep")
+        if images.shape[0] != len(targets):
+            _fail(node, "images", f"{images.shape[0]} images for {len(targets)} targets; set the latent batch size "
+                                  f"to the sweep's 'count' ({len(targets)})")
+        measured: dict[str, list[float]] = {}
+        directions: dict[str, bool] = {}
+        for name, value in (("scores", scores), ("scores_2", scores_2)):
+            if value is not None:
+                measured.update(scores_by_metric(value, node, name))
+                directions.update(_directions(value))
+        if metric is not None:
+            bar = comfy.utils.ProgressBar(images.shape[0])
+
+            def progress(done, total):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                bar.update_absolute(done, total)
+            values = iqa_models.score_in_chunks(metric, images.movedim(-1, 1).float().clamp(0, 1), chunk_size=4,
+                                                progress=progress)
+            measured[metric.name] = values.detach().float().cpu().tolist()
+            directions[metric.name] = bool(metric.lower_better)
+        if not measured:
+            _fail(node, "scores", "wire scores from IQA Score, or an IQA metric to score the images here")
+        for name, values in measured.items():
+            if len(values) != len(targets):
+                _fail(node, "scores", f"{name}: {len(values)} scores for {len(targets)} images")
+
+        output_dir = folder_paths.get_output_directory()
+        try:
+            full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, output_dir, images.shape[2], images.shape[1])
+        except Exception as error:  # the host raises for prefixes that leave the output folder
+            _fail(node, "filename_prefix", str(error))
+        os.makedirs(full_folder, exist_ok=True)
+        stem = f"{filename}_{counter:05}"
+        array = images.detach().float().cpu().clamp(0, 1).numpy()
+        image_names = []
+        for i in range(array.shape[0]):
+            name = f"{stem}_img{i:03}.png"
+            sweep.save_png((array[i] * 255.0 + 0.5).astype(np.uint8), os.path.join(full_folder, name))
+            image_names.append(name)
+        meta = {"prompt": prompt_text or "", "seed": int(sample_seed or 0), "model": model_name or "",
+                "adapter": adapter_name or ""}
+        report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions)
+        text = sweep.summary_text(report["summary"])
+        ui_images = [{"filename": report["paths"][k].name, "subfolder": subfolder, "type": "output"}
+                     for k in ("grid", "chart")]
+        grid = torch.from_numpy(report["grid"].astype(np.float32) / 255.0)[None]
+        chart = torch.from_numpy(report["chart"].astype(np.float32) / 255.0)[None]
+        files = {k: os.path.join(subfolder, p.name) for k, p in report["paths"].items()}
+        rho = {m: (s["rho"] if math.isfinite(s["rho"]) else None) for m, s in report["summary"].items()}
+        return io.NodeOutput(grid, chart, text, ui={"images": ui_images, "text": [text],
+                                                   "report": [json.dumps({"files": files, "rho": rho})]})
+
+
+NODES = [IQATargetSweep, IQASweepReport]

@@ -1,0 +1,166 @@
+"""The example workflows (workflows/ui = source, workflows/api = generated twins) against the real server.
+
+1. every UI workflow validates against /object_info (node types exist, widget values allowed, links
+   connect matching types, required inputs connected);
+2. the API twins are exactly what scripts/workflow_tools.py generates from the UI files today;
+3. every API workflow runs headless on the tiny models (model names, sizes and steps swapped; tiny
+   random metric weights and a tiny reference adapter written here), and its outputs are checked.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT, _load_by_path
+
+workflow_tools = _load_by_path("iqa_workflow_tools", PACK_ROOT / "scripts" / "workflow_tools.py")
+UI_FILES = sorted(workflow_tools.UI_DIR.glob("*.json"))
+NAMES = [p.stem for p in UI_FILES]
+REFERENCE_ADAPTER = "tiny_sd15_reference_adapter.safetensors"
+SMALL_METRIC = "cnniqa"      # tiny CNN: random weights written below (nothing is downloaded)
+WEIGHT_FREE_METRIC = "piqe"  # no weights at all
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+def test_every_example_is_there():
+    assert set(NAMES) >= {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
+                          "gradient_guidance", "score_images"}
+    for path in UI_FILES:
+        notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+        assert notes and len(notes[0]["widgets_values"][0]) > 80, f"{path.name}: needs a Note explaining it"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_valid_against_object_info(object_info, name):
+    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    assert workflow_tools.validate_ui(ui, object_info) == []
+
+
+def test_validator_catches_broken_workflows(object_info):
+    ui = json.loads((workflow_tools.UI_DIR / "sd15_quality_target.json").read_text())
+    broken = copy.deepcopy(ui)
+    sampler = next(n for n in broken["nodes"] if n["type"] == "KSampler")
+    sampler["widgets_values"][4] = "no_such_sampler"              # bad combo value
+    loader = next(n for n in broken["nodes"] if n["type"] == "IQAAdapterLoader")
+    loader["type"] = "IQANoSuchNode"                                # unknown type
+    link = next(l for l in broken["links"] if l[5] == "LATENT")
+    link[5] = "IMAGE"                                               # type mismatch
+    errors = "\n".join(workflow_tools.validate_ui(broken, object_info))
+    assert "no_such_sampler" in errors and "IQANoSuchNode" in errors and "LATENT" in errors, errors
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_is_generated_from_ui(object_info, name):
+    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    twin = json.loads((workflow_tools.API_DIR / f"{name}.json").read_text())
+    assert workflow_tools.ui_to_api(ui, object_info) == twin, \
+        f"workflows/api/{name}.json is stale: run `python scripts/workflow_tools.py convert`"
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+@pytest.fixture(scope="module")
+def tiny_assets(comfy_server):
+    """Random weights for the small metric, a tiny reference adapter, input images."""
+    from comfyui_iqa_adapter.adapter import iqa_models, synthetic
+    from safetensors.torch import save_file
+    from PIL import Image
+
+    iqa_dir = comfy_server.models_dir / "iqa"
+    expected = iqa_models.expected_weight_files(SMALL_METRIC, [str(iqa_dir)])
+    if not all((iqa_dir / pathlib.Path(f).name).exists() for f in expected):
+        iqa_models.write_random_weights(SMALL_METRIC, str(iqa_dir), seed=1, noise=0.05)
+    adapter_dir = comfy_server.models_dir / "iqa_adapter"
+    ref_path = adapter_dir / REFERENCE_ADAPTER
+    if not ref_path.exists():
+        from comfyui_iqa_adapter.adapter import checkpoint
+        widths = checkpoint.load_adapter(str(adapter_dir / TINY_ADAPTER)).info.layer_widths  # the tiny UNet's layers
+        state = synthetic.random_adapter_state_dict(768, list(widths), num_tokens=2, input_dim=50, seed=3)
+        save_file(state, str(ref_path))
+        ref_path.with_suffix(".json").write_text(json.dumps({
+            "kind": "reference", "name": "tiny reference adapter (tests)",
+            "extractor": {"model": SMALL_METRIC, "layers": ["conv1"], "pooling": "avg", "dim": 50}}))
+    rng = np.random.default_rng(0)
+    for name in ("example1.png", "example2.png", "reference.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(comfy_server.input_dir / name)
+    return True
+
+
+def tiny_version(api: dict, object_info: dict) -> dict:
+    """Swap model names, sizes and steps for the tiny ones; metrics for ones that run offline here."""
+    api = copy.deepcopy(api)
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = TINY_CHECKPOINT
+        if kind == "IQAAdapterLoader":
+            inputs["adapter_name"] = REFERENCE_ADAPTER if "reference" in inputs["adapter_name"] else TINY_ADAPTER
+        if kind == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+        if kind in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = 2
+        if kind == "IQATargetSweep":
+            inputs["steps"] = 4
+        if kind == "IQAMetricLoader":
+            differentiable = inputs.get("differentiable", False)
+            title = node.get("_meta", {}).get("title", "")
+            inputs["metric"] = WEIGHT_FREE_METRIC if ("second" in title and not differentiable) else SMALL_METRIC
+            inputs["device"] = "cpu"
+    return api
+
+
+def _outputs_of(result, api, class_type):
+    return [result.outputs.get(node_id, {}) for node_id, node in api.items() if node["class_type"] == class_type]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_on_tiny_models(comfy_server, object_info, tiny_assets, name):
+    api = tiny_version(json.loads((workflow_tools.API_DIR / f"{name}.json").read_text()), object_info)
+    result = comfy_server.run(api, timeout=900)
+    assert result.ok, f"{name}: {result.error_message()}\n{comfy_server.log_tail(30)}"
+    saved = [img for out in _outputs_of(result, api, "SaveImage") for img in out.get("images", [])]
+    for image in saved:
+        assert comfy_server.output_file(image).stat().st_size > 0
+    texts = [t for out in _outputs_of(result, api, "IQAScore") for t in out.get("text", [])]
+    if name in ("sdxl_quality_target", "sd15_quality_target", "reference_transfer"):
+        assert len(saved) == 1
+    if name == "gradient_guidance":
+        assert len(saved) == 2, "unguided and guided image side by side"
+        assert len(texts) == 2 and SMALL_METRIC in texts[0] and WEIGHT_FREE_METRIC in texts[1], texts
+    if name == "score_images":
+        assert len(texts) == 1 and SMALL_METRIC in texts[0]
+        rows = [line for line in texts[0].splitlines() if line.strip()[:1].isdigit()]
+        assert len(rows) == 2, texts[0]
+    if name == "degradation_sweep":
+        (report,) = _outputs_of(result, api, "IQASweepReport")
+        files = json.loads(report["report"][0])["files"]
+        for kind in ("grid", "chart", "csv", "json"):
+            assert comfy_server.output_dir.joinpath(files[kind]).stat().st_size > 0, kind
+        with open(comfy_server.output_dir / files["csv"]) as handle:
+            rows = list(csv.DictReader(handle))
+        assert [float(r["target"]) for r in rows] == pytest.approx([1.0, 33.666667, 66.333333, 99.0], abs=1e-4)
+        assert {r["metric"] for r in rows} == {SMALL_METRIC}
+
+
+def test_examples_listed_in_template_browser(comfy_server):
+    """The host lists custom_nodes/<pack>/example_workflows/*.json (and workflows/*.json: none there, so no
+    duplicates) and serves them under /api/workflow_templates/<pack>/."""
+    import urllib.request
+
+    listing = comfy_server.get("/workflow_templates")
+    ours = [names for pack, names in listing.items() if "IQA" in pack]
+    assert len(ours) == 1 and sorted(ours[0]) == sorted(NAMES), listing
+    pack = next(pack for pack in listing if "IQA" in pack)
+    with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{pack}/degradation_sweep.json") as r:
+        served = json.loads(r.read())
+    assert served == json.loads((workflow_tools.UI_DIR / "degradation_sweep.json").read_text())
