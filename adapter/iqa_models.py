@@ -1,0 +1,556 @@
+"""pyiqa metrics without internet and without unpickling: build, load weights safely, score in chunks.
+
+pyiqa 0.1.16 downloads weights while a network is being built and reads them with
+`torch.load(weights_only=False)`, which runs arbitrary code from the file. Here a metric is built by
+pyiqa's own code inside `_SafeBuild`, which for the duration of the build:
+  * replaces pyiqa's `load_pretrained_network` by a recorder: the (module, file) pairs are loaded after the
+    build, by us, with safetensors or `torch.load(weights_only=True)` (pyiqa's key conventions: optional
+    'params' wrapper, 'module.' prefix), skipping loads whose tensors a later strict load overwrites
+    (e.g. DBCNN's SCNN pre-load, torchvision/timm backbones inside a full checkpoint);
+  * resolves every other file pyiqa asks for (`load_file_from_url`, `torch.hub.load_state_dict_from_url`)
+    locally: first the user folders (models/iqa), then pyiqa's cache dir (`torch.hub.get_dir()/pyiqa`),
+    then torch hub's `checkpoints/`; a missing file raises `MissingMetricWeightsError` at once, naming the
+    metric, the file name and the folder; nothing is ever downloaded;
+  * forces `timm.create_model(pretrained=False)` (the metric checkpoint carries the backbone) and
+    `torch.load(weights_only=True)`; refuses `torch.jit.load` (TorchScript archives, e.g. ARNIQA's
+    regressor, are code).
+The patches are process-wide while a build runs (guarded by a lock) and restored afterwards.
+
+Loaded metrics are cached (module level) by id + device + differentiable + user folders, and the cache
+entry is dropped when one of the weight files it used changes (path, mtime, size). `clear_metric_cache()`
+frees it; the ComfyUI layer calls that when the host frees memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+from urllib.parse import urlparse
+
+import torch
+
+from ..models.metrics import metric_info
+
+SAFE_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class MissingMetricWeightsError(FileNotFoundError):
+    def __init__(self, metric: str, file_name: str, folders: list[str]):
+        self.metric, self.file_name, self.folders = metric, file_name, list(folders)
+        first = folders[0] if folders else "models/iqa"
+        stem, suffix = os.path.splitext(file_name)
+        alternative = f" (or '{stem}.safetensors' with the same tensors)" if suffix in SAFE_WEIGHT_SUFFIXES else ""
+        super().__init__(
+            f"IQA metric '{metric}' needs the file '{file_name}', which was not found (nothing is "
+            f"downloaded). Put it in {first}{alternative}. Searched: {', '.join(folders)}.")
+
+
+class UnsafeWeightsError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Safe reading of state dicts
+# ----------------------------------------------------------------------------------------------------
+
+def read_state_dict(path: str) -> dict:
+    """Tensors of a weight file without unpickling code: safetensors, or torch.load(weights_only=True)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path, device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the restricted unpickler refused something: never retry unsafely
+        raise UnsafeWeightsError(
+            f"weight file '{path}' could not be read safely (torch.load weights_only=True refused it: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Files that need "
+            f"full unpickling are not loaded; convert it to .safetensors (tensors only).") from error
+
+
+def unwrap_state_dict(raw, weight_keys: str | None) -> dict[str, torch.Tensor]:
+    """pyiqa conventions: optional `weight_keys` wrapper ('params'), 'module.' prefixes from DataParallel."""
+    state = raw
+    if weight_keys is not None and isinstance(state, dict) and weight_keys in state \
+            and isinstance(state[weight_keys], dict):
+        state = state[weight_keys]
+    elif weight_keys is not None and isinstance(state, dict):
+        # a flat file (e.g. safetensors) of a wrapped checkpoint: keys 'params.<name>'
+        prefix = weight_keys + "."
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    if not isinstance(state, dict):
+        raise UnsafeWeightsError(f"weight file holds a {type(state).__name__}, expected a dict of tensors")
+    return {(key[7:] if key.startswith("module.") else key): value for key, value in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# File lookup
+# ----------------------------------------------------------------------------------------------------
+
+def pyiqa_cache_dir() -> str:
+    # pyiqa.utils.download_util.DEFAULT_CACHE_DIR = os.path.join(torch.hub.get_dir(), 'pyiqa')
+    return os.path.join(torch.hub.get_dir(), "pyiqa")
+
+
+def search_folders(user_folders: Iterable[str]) -> list[str]:
+    folders = [os.path.abspath(f) for f in user_folders]
+    for extra in (pyiqa_cache_dir(), os.path.join(torch.hub.get_dir(), "checkpoints")):
+        if extra not in folders:
+            folders.append(extra)
+    return folders
+
+
+def find_weight_file(file_name: str, folders: list[str]) -> str | None:
+    """`file_name` or the same stem with .safetensors, first folder wins."""
+    stem = os.path.splitext(file_name)[0]
+    for folder in folders:
+        for candidate in (file_name, stem + ".safetensors"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _file_name_of(url_or_path: str) -> str:
+    return os.path.basename(urlparse(url_or_path).path) if "://" in url_or_path else os.path.basename(url_or_path)
+
+
+def _signature(path: str) -> tuple[str, float, int]:
+    stat = os.stat(path)
+    return path, stat.st_mtime, stat.st_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building pyiqa networks under guard
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _PendingLoad:
+    module: torch.nn.Module
+    file_name: str
+    strict: bool
+    weight_keys: str | None
+    key_filter: Callable[[dict], dict] | None = None
+
+
+_BUILD_LOCK = threading.RLock()
+
+
+class _SafeBuild:
+    """Context for one metric build; see the module docstring."""
+
+    def __init__(self, metric: str, folders: list[str]):
+        self.metric = metric
+        self.folders = folders
+        self.pending: list[_PendingLoad] = []
+        self.files_used: list[str] = []
+        self._restore: list[tuple[object, str, object]] = []
+
+    # -- replacements ------------------------------------------------------------------------------
+    def _resolve(self, url_or_path: str) -> str:
+        name = _file_name_of(url_or_path)
+        path = find_weight_file(name, self.folders)
+        if path is None:
+            raise MissingMetricWeightsError(self.metric, name, self.folders)
+        if path not in self.files_used:
+            self.files_used.append(path)
+        return path
+
+    def load_pretrained_network(self, net, model_path, strict=True, weight_keys=None):
+        self.pending.append(_PendingLoad(net, _file_name_of(model_path), bool(strict), weight_keys))
+
+    def load_file_from_url(self, url, model_dir=None, progress=True, file_name=None):
+        return self._resolve(file_name or url)
+
+    def hub_load_state_dict_from_url(self, url, model_dir=None, map_location=None, progress=True,
+                                     check_hash=False, file_name=None, weights_only=True):
+        return read_state_dict(self._resolve(file_name or url))
+
+    def torchvision_get_state_dict(self, weights_enum, *args, **kwargs):
+        return _DeferredTorchvisionWeights(_file_name_of(weights_enum.url))
+
+    def torch_load(self, original):
+        def safe_load(f, map_location=None, *args, weights_only=True, **kwargs):
+            return original(f, map_location=map_location, weights_only=True, **kwargs)
+        return safe_load
+
+    def jit_load(self, *args, **kwargs):
+        raise UnsafeWeightsError(
+            f"IQA metric '{self.metric}' loads a TorchScript archive (it contains code); the pack does not "
+            f"load such files. Use another metric.")
+
+    def module_load_state_dict(self, original):
+        build = self
+
+        def load_state_dict(module, state_dict, strict=True, assign=False):
+            if isinstance(state_dict, _DeferredTorchvisionWeights):
+                build.pending.append(_PendingLoad(module, state_dict.file_name, bool(strict), None))
+                return torch.nn.modules.module._IncompatibleKeys([], [])
+            return original(module, state_dict, strict=strict, assign=assign)
+        return load_state_dict
+
+    # -- patching ----------------------------------------------------------------------------------
+    def _patch(self, owner, attribute: str, value) -> None:
+        self._restore.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
+    def __enter__(self):
+        _BUILD_LOCK.acquire()
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            _BUILD_LOCK.release()
+            raise
+        return self
+
+    def _install(self) -> None:
+        import pyiqa.archs.arch_util as arch_util
+        import pyiqa.utils.download_util as download_util
+
+        originals = {
+            "load_pretrained_network": arch_util.load_pretrained_network,
+            "load_file_from_url": download_util.load_file_from_url,
+        }
+        replacements = {
+            "load_pretrained_network": self.load_pretrained_network,
+            "load_file_from_url": self.load_file_from_url,
+        }
+        # pyiqa modules bind these names at import: patch every loaded pyiqa module's global.
+        for module_name, module in list(sys.modules.items()):
+            if not module_name.startswith("pyiqa") or module is None:
+                continue
+            for name, original in originals.items():
+                if getattr(module, name, None) is original:
+                    self._patch(module, name, replacements[name])
+        for module_name, module in list(sys.modules.items()):
+            # pyiqa's CLIP loaders fetch with urllib in `_download(url, root)`: resolve locally instead
+            if module_name.startswith("pyiqa.archs") and callable(getattr(module, "_download", None)):
+                self._patch(module, "_download", lambda url, root=None: self._resolve(url))
+        self._patch(torch.hub, "load_state_dict_from_url", self.hub_load_state_dict_from_url)
+        self._patch(torch.hub, "download_url_to_file", self._refuse_download)
+        self._patch(download_util, "download_url_to_file", self._refuse_download)
+        self._patch(torch, "load", self.torch_load(torch.load))
+        self._patch(torch.jit, "load", self.jit_load)
+        self._patch(torch.nn.Module, "load_state_dict", self.module_load_state_dict(torch.nn.Module.load_state_dict))
+        try:
+            import torchvision.models._api as tv_api
+            self._patch(tv_api.WeightsEnum, "get_state_dict",
+                        lambda weights_enum, *a, **k: self.torchvision_get_state_dict(weights_enum))
+        except ImportError:
+            pass
+        try:
+            import timm
+            original_create = timm.create_model
+
+            def create_model(*args, pretrained=False, **kwargs):
+                # The metric checkpoint holds the backbone; never fetch ImageNet weights from the hub.
+                return original_create(*args, pretrained=False, **kwargs)
+            self._patch(timm, "create_model", create_model)
+        except ImportError:
+            pass
+        try:
+            import huggingface_hub.constants as hf_constants
+            self._patch(hf_constants, "HF_HUB_OFFLINE", True)
+        except ImportError:
+            pass
+
+    def _refuse_download(self, url, *args, **kwargs):
+        raise MissingMetricWeightsError(self.metric, _file_name_of(url), self.folders)
+
+    def _uninstall(self) -> None:
+        while self._restore:
+            owner, attribute, value = self._restore.pop()
+            setattr(owner, attribute, value)
+
+    def __exit__(self, *exc):
+        self._uninstall()
+        _BUILD_LOCK.release()
+        return False
+
+    # -- deferred loads ----------------------------------------------------------------------------
+    def needed_loads(self, top: torch.nn.Module) -> list[_PendingLoad]:
+        """Recorded loads that matter for `top`, in build order."""
+        reachable = {id(t) for t in top.state_dict(keep_vars=True).values()}
+        covered: set[int] = set()
+        needed: list[_PendingLoad] = []
+        for load in reversed(self.pending):
+            ids = {id(t) for t in load.module.state_dict(keep_vars=True).values()}
+            relevant = ids & reachable
+            if not relevant or relevant <= covered:
+                continue  # overwritten by a later strict load, or not part of the final network
+            needed.append(load)
+            if load.strict:
+                covered |= ids
+        return list(reversed(needed))
+
+    def apply_pending_loads(self, top: torch.nn.Module) -> None:
+        """Run the needed recorded loads, reading files safely."""
+        for load in self.needed_loads(top):
+            path = self._resolve(load.file_name)
+            state = unwrap_state_dict(read_state_dict(path), load.weight_keys)
+            try:
+                load.module.load_state_dict(state, strict=load.strict)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"IQA metric '{self.metric}': weight file '{path}' does not fit the network "
+                    f"({str(error).splitlines()[0]} ...). Expected pyiqa's '{load.file_name}' layout.") from error
+
+
+class _DeferredTorchvisionWeights(dict):
+    """Marker returned instead of torchvision ImageNet weights; its load is decided after the build."""
+
+    def __init__(self, file_name: str):
+        super().__init__()
+        self.file_name = file_name
+
+
+def _set_offline_environment() -> None:
+    # Effective for hub libraries imported after this; the build context also patches the constant.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoadedMetric
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedMetric:
+    """IQA_METRIC: one pyiqa metric with its weights, ready to score (B, C, H, W) images in [0, 1]."""
+    name: str
+    lower_better: bool
+    score_range: tuple[float, float] | None
+    differentiable: bool
+    is_full_reference: bool
+    device: torch.device
+    net: torch.nn.Module                     # pyiqa's InferenceModel (its `.net` is the architecture)
+    weight_files: list[str] = field(default_factory=list)
+
+    @property
+    def arch(self) -> torch.nn.Module:
+        return self.net.net
+
+    def current_device(self) -> torch.device:
+        for tensor in self.arch.parameters():
+            return tensor.device
+        return self.device
+
+    def score(self, images_bchw_01: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,). Non-differentiable: exactly pyiqa's `metric(x)`; differentiable: the
+        architecture's forward with gradients (pyiqa's as_loss path without its loss reduction)."""
+        validate_images(images_bchw_01, self.name, "images")
+        if self.is_full_reference:
+            if ref is None:
+                raise ValueError(f"IQA metric '{self.name}' is full-reference: it needs reference images")
+            validate_images(ref, self.name, "reference")
+            if ref.shape != images_bchw_01.shape:
+                raise ValueError(f"IQA metric '{self.name}': reference shape {tuple(ref.shape)} differs from "
+                                 f"image shape {tuple(images_bchw_01.shape)}")
+        device = self.current_device()
+        if self.differentiable:
+            args = (images_bchw_01.to(device),) + ((ref.to(device),) if self.is_full_reference else ())
+            with torch.enable_grad():
+                output = self.arch(*args)
+        else:
+            with torch.no_grad():
+                output = self.net(images_bchw_01, ref) if self.is_full_reference else self.net(images_bchw_01)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        output = output.reshape(-1)
+        if output.numel() != images_bchw_01.shape[0]:
+            raise ValueError(f"IQA metric '{self.name}' returned {output.numel()} values for "
+                             f"{images_bchw_01.shape[0]} images")
+        return output
+
+
+def validate_images(images: torch.Tensor, metric: str, what: str) -> None:
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError(f"IQA metric '{metric}': {what} must be a (B, C, H, W) tensor, got "
+                         f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if images.shape[1] != 3:
+        raise ValueError(f"IQA metric '{metric}': {what} must have 3 (RGB) channels, got {images.shape[1]}")
+    if images.shape[2] < 2 or images.shape[3] < 2:
+        raise ValueError(f"IQA metric '{metric}': {what} are {images.shape[3]}x{images.shape[2]} pixels; "
+                         f"at least 2x2 is needed (most metrics need 32x32 or more)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading + cache
+# ----------------------------------------------------------------------------------------------------
+
+_CACHE: dict[tuple, tuple[LoadedMetric, list[tuple[str, float, int]]]] = {}
+_CACHE_LOCK = threading.RLock()
+
+
+def _guarded_create(name: str, folders: list[str]):
+    """pyiqa.create_metric under `_SafeBuild`; returns (model on CPU, the build with its pending loads)."""
+    _set_offline_environment()
+    import pyiqa
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    if name not in DEFAULT_CONFIGS:
+        raise ValueError(f"unknown IQA metric {name!r}: not in pyiqa's registry (pyiqa.list_models())")
+    arch_type = DEFAULT_CONFIGS[name]["metric_opts"]["type"]
+    from pyiqa.archs import _lazy_import_arch  # import the arch module first so its globals can be patched
+    _lazy_import_arch(arch_type)
+    with _SafeBuild(name, folders) as build:
+        model = pyiqa.create_metric(name, as_loss=False, device=torch.device("cpu"))
+    return model, build
+
+
+def build_pyiqa_metric(name: str, user_folders: Iterable[str] = (), device: str | torch.device = "cpu"):
+    """pyiqa's InferenceModel for `name`, its weights read safely from local files only.
+    Returns (model, weight files used)."""
+    folders = search_folders(user_folders)
+    model, build = _guarded_create(name, folders)
+    with build:
+        build.apply_pending_loads(model.net)
+    device = torch.device(device)
+    model = model.to(device)
+    model.dummy_param = model.dummy_param.to(device)  # pyiqa reads the device from this plain tensor
+    model.eval()
+    return model, list(build.files_used)
+
+
+def load_metric(name: str, user_folders: Iterable[str] = (), device: str = "auto",
+                differentiable: bool = False, use_cache: bool = True) -> LoadedMetric:
+    """Build (or reuse) a metric. Fails within seconds with MissingMetricWeightsError when a file is absent."""
+    user_folders = tuple(os.path.abspath(f) for f in user_folders)
+    torch_device = resolve_device(device)
+    key = (name, str(torch_device), bool(differentiable), user_folders)
+    with _CACHE_LOCK:
+        if use_cache and key in _CACHE:
+            metric, signatures = _CACHE[key]
+            try:
+                if [_signature(path) for path, *_ in signatures] == signatures:
+                    return metric  # same files, same mtime and size
+            except OSError:
+                pass  # a weight file vanished: rebuild (and fail clearly if it is really gone)
+            _CACHE.pop(key, None)
+        info = metric_info(name)
+        model, files = build_pyiqa_metric(name, user_folders, torch_device)
+        if differentiable:
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)  # gradients flow to the image, not into the metric
+        metric = LoadedMetric(
+            name=name, lower_better=bool(getattr(model, "lower_better", info.lower_better)),
+            score_range=info.score_range, differentiable=bool(differentiable),
+            is_full_reference=getattr(model, "metric_mode", None) == "FR", device=torch_device,
+            net=model, weight_files=files)
+        if use_cache:
+            _CACHE[key] = (metric, [_signature(path) for path in files])
+        return metric
+
+
+def clear_metric_cache(name: str | None = None) -> int:
+    """Drop cached metrics (all, or one id); returns how many were dropped."""
+    with _CACHE_LOCK:
+        keys = [key for key in _CACHE if name is None or key[0] == name]
+        for key in keys:
+            del _CACHE[key]
+    return len(keys)
+
+
+def cached_metric_names() -> list[str]:
+    with _CACHE_LOCK:
+        return [key[0] for key in _CACHE]
+
+
+@dataclass
+class IQAScores:
+    """IQA_SCORES: {metric: [one float per image]} plus each metric's direction and range."""
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    lower_better: dict[str, bool] = field(default_factory=dict)
+    score_range: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+
+    def add(self, metric: LoadedMetric, values: list[float]) -> None:
+        self.scores[metric.name] = [float(v) for v in values]
+        self.lower_better[metric.name] = bool(metric.lower_better)
+        self.score_range[metric.name] = metric.score_range
+
+    def table(self) -> str:
+        """Plain-text table: one row per image, one column per metric, then the mean."""
+        names = list(self.scores)
+        count = max((len(v) for v in self.scores.values()), default=0)
+        heads = [f"{n} ({'lower' if self.lower_better[n] else 'higher'} better)" for n in names]
+        widths = [max(len(h), 12) for h in heads]
+        lines = ["image  " + "  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+        for i in range(count):
+            cells = [f"{self.scores[n][i]:.6g}".rjust(w) for n, w in zip(names, widths)]
+            lines.append(f"{i:>5}  " + "  ".join(cells))
+        means = [f"{sum(self.scores[n]) / len(self.scores[n]):.6g}".rjust(w) if self.scores[n] else "-".rjust(w)
+                 for n, w in zip(names, widths)]
+        lines.append(" mean  " + "  ".join(means))
+        return "\n".join(lines)
+
+    def rows(self, **extra) -> list[dict]:
+        return [{**extra, "image": i, "metric": name, "lower_better": self.lower_better[name], "score": value}
+                for name, values in self.scores.items() for i, value in enumerate(values)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked scoring
+# ----------------------------------------------------------------------------------------------------
+
+def score_in_chunks(metric: LoadedMetric, images_bchw: torch.Tensor, ref_bchw: torch.Tensor | None = None,
+                    chunk_size: int = 8, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Scores (B,) on CPU, `chunk_size` images per forward; `progress(done, total)` after each chunk
+    (it may raise to interrupt)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total = images_bchw.shape[0]
+    if ref_bchw is not None and metric.is_full_reference and ref_bchw.shape[0] not in (1, total):
+        raise ValueError(f"IQA metric '{metric.name}': {ref_bchw.shape[0]} reference images for {total} "
+                         f"images (give 1 or {total})")
+    results = []
+    for start in range(0, total, chunk_size):
+        chunk = images_bchw[start:start + chunk_size]
+        ref = None
+        if metric.is_full_reference and ref_bchw is not None:
+            ref = ref_bchw.expand(total, *ref_bchw.shape[1:]) if ref_bchw.shape[0] == 1 else ref_bchw
+            ref = ref[start:start + chunk_size]
+        scores = metric.score(chunk, ref)
+        results.append(scores.detach().float().cpu() if not metric.differentiable else scores)
+        if progress is not None:
+            progress(min(start + chunk_size, total), total)
+    return torch.cat(results) if results else torch.zeros(0)
+
+
+def expected_weight_files(name: str, user_folders: Iterable[str] = ()) -> list[str]:
+    """File names (pyiqa's default names) the metric's network reads at load time; [] = weight-free.
+    Files read during the build itself (e.g. NIQE's .mat) are only reported when missing, by the error."""
+    folders = search_folders(user_folders)
+    model, build = _guarded_create(name, folders)
+    return [load.file_name for load in build.needed_loads(model.net)]
+
+
+def write_random_weights(name: str, folder: str, seed: int = 0, noise: float = 0.0) -> list[str]:
+    """Write random weights for `name` into `folder` under pyiqa's default file names, in the layout pyiqa
+    expects ('params' wrapper where the arch uses one). For tests and benchmarks: no real weights exist
+    offline. `noise` > 0 perturbs the constructor's init (seeded) so two seeds give different networks."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    model, build = _guarded_create(name, search_folders([]))
+    written = []
+    for load in build.needed_loads(model.net):
+        state = {}
+        for key, tensor in load.module.state_dict().items():
+            tensor = tensor.detach().clone()
+            if noise > 0 and tensor.is_floating_point() and tensor.numel() > 1:
+                tensor = tensor + noise * tensor.std().nan_to_num(0.0) * torch.randn(tensor.shape, generator=generator)
+            state[key] = tensor.contiguous()
+        payload = {load.weight_keys: state} if load.weight_keys else state
+        path = os.path.join(folder, load.file_name)
+        torch.save(payload, path)
+        written.append(path)
+    return written

@@ -1,0 +1,239 @@
+"""IQAMetricLoader and IQAScore: pyiqa metrics in the graph (glue only; the work is adapter/iqa_models.py).
+
+Weights are looked up, never downloaded: models/iqa (folder_paths "iqa") under pyiqa's default file name
+(or the same stem + .safetensors), then pyiqa's cache (torch hub dir/pyiqa). Metrics stay loaded in a
+module-level cache across prompts (id + device + differentiable, invalidated when a weight file changes);
+`iqa_models.clear_metric_cache()` frees them, and the cache keeps at most `METRIC_CACHE_SIZE` entries.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..adapter import iqa_models
+from ..models import metrics as metric_catalog
+from .paths import METRIC_FOLDER
+
+CATEGORY = "IQA-Adapter"
+MetricType = io.Custom("IQA_METRIC")
+ScoresType = io.Custom("IQA_SCORES")
+DEVICES = ["auto", "cpu"]
+METRIC_CACHE_SIZE = 4
+SAVE_FORMATS = ["none", "csv", "json"]
+
+
+def _fail(node: str, input_name: str, message: str):
+    raise ValueError(f"{node}: {input_name}: {message}")
+
+
+def metric_folders() -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(METRIC_FOLDER))
+    except KeyError:
+        return [os.path.join(folder_paths.models_dir, METRIC_FOLDER)]
+
+
+def _folder_fingerprint() -> tuple:
+    entries = []
+    for folder in metric_folders():
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    stat = os.stat(path)
+                    entries.append((path, stat.st_mtime_ns, stat.st_size))
+    return tuple(entries)
+
+
+def load_metric_for_graph(name: str, device: str = "auto", differentiable: bool = False) -> iqa_models.LoadedMetric:
+    """Loader path shared by the nodes: cache-size cap, host memory freed before a GPU build."""
+    cached = iqa_models.cached_metric_names()
+    if len(cached) >= METRIC_CACHE_SIZE and name not in cached:
+        iqa_models.clear_metric_cache(cached[0])
+    torch_device = iqa_models.resolve_device(device)
+    if torch_device.type != "cpu":
+        # let ComfyUI offload its own models first (IQA nets are a few hundred MB at most)
+        comfy.model_management.free_memory(1024 ** 3, torch_device)
+    return iqa_models.load_metric(name, metric_folders(), device, differentiable)
+
+
+class IQAMetricLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IQAMetricLoader",
+            display_name="IQA Metric Loader",
+            category=CATEGORY,
+            description="Load a pyiqa metric (the paper's 21 first). Weights are never downloaded: put pyiqa's "
+                        "weight file (its default file name, or the same name with .safetensors) in models/iqa. "
+                        "Files are read without unpickling code. Metrics such as piqe, psnr, ssim need no file.",
+            inputs=[
+                io.Combo.Input("metric", options=metric_catalog.offered_metric_names(), default="topiq_nr",
+                               tooltip="pyiqa metric id. The paper's 21 metrics come first (reference order)."),
+                io.Combo.Input("device", options=DEVICES, default="auto",
+                               tooltip="auto = the GPU when there is one, else CPU."),
+                io.Boolean.Input("differentiable", default=False,
+                                 tooltip="Keep gradients (needed by IQA Gradient Guidance). Off for plain scoring."),
+            ],
+            outputs=[MetricType.Output(display_name="metric")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, metric, device, differentiable):
+        return _folder_fingerprint()
+
+    @classmethod
+    def execute(cls, metric, device, differentiable) -> io.NodeOutput:
+        node = "IQAMetricLoader"
+        if device not in DEVICES:
+            _fail(node, "device", f"expected one of {DEVICES}, got {device!r}")
+        try:
+            loaded = load_metric_for_graph(metric, device, bool(differentiable))
+        except iqa_models.MissingMetricWeightsError as error:
+            _fail(node, "metric", str(error))
+        except (iqa_models.UnsafeWeightsError, ValueError) as error:
+            _fail(node, "metric", f"'{metric}': {error}")
+        except ImportError as error:
+            _fail(node, "metric", f"'{metric}' needs a Python module that is not installed ({error}); CLIP-based "
+                                  f"pyiqa metrics (clipiqa, laion_aes, liqe) import pkg_resources (setuptools<81)")
+        except Exception as error:  # pyiqa's own build failed (e.g. a hub-only model offline)
+            _fail(node, "metric", f"'{metric}' could not be built offline: {type(error).__name__}: {error}")
+        return io.NodeOutput(loaded)
+
+
+def image_to_bchw(images: torch.Tensor, node: str, input_name: str) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, C) -> (B, 3, H, W) in [0, 1]. RGBA: alpha is dropped (not composited);
+    grayscale (C=1) is repeated to RGB."""
+    if not torch.is_tensor(images) or images.dim() != 4:
+        _fail(node, input_name, f"expected an IMAGE batch (B, H, W, C), got "
+                                f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    channels = images.shape[-1]
+    if channels == 4:
+        images = images[..., :3]
+    elif channels == 1:
+        images = images.expand(*images.shape[:-1], 3)
+    elif channels != 3:
+        _fail(node, input_name, f"expected 1, 3 or 4 channels (gray, RGB, RGBA), got {channels}")
+    if images.shape[1] < 2 or images.shape[2] < 2:
+        _fail(node, input_name, f"images are {images.shape[2]}x{images.shape[1]} pixels; IQA needs at least 2x2 "
+                                f"(most metrics 32x32 or more)")
+    images = images.movedim(-1, 1).float().contiguous()
+    if images.min() < 0 or images.max() > 1:  # clamp only when needed: no extra copy of large batches
+        images = images.clamp(0, 1)
+    return images
+
+
+def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, reference: torch.Tensor | None,
+                 chunk_size: int, node: str = "IQAScore") -> iqa_models.IQAScores:
+    """The node's scoring path: IMAGE tensors in, IQAScores out; progress bar + interrupt between chunks."""
+    images_bchw = image_to_bchw(images, node, "images")
+    reference_bchw = image_to_bchw(reference, node, "reference") if reference is not None else None
+    for metric in metrics:
+        if metric.is_full_reference:
+            if reference_bchw is None:
+                _fail(node, "reference", f"metric '{metric.name}' is full-reference: connect reference images")
+            if reference_bchw.shape[2:] != images_bchw.shape[2:]:
+                _fail(node, "reference", f"reference size {reference_bchw.shape[3]}x{reference_bchw.shape[2]} differs "
+                                         f"from image size {images_bchw.shape[3]}x{images_bchw.shape[2]}")
+            if reference_bchw.shape[0] not in (1, images_bchw.shape[0]):
+                _fail(node, "reference", f"{reference_bchw.shape[0]} reference images for {images_bchw.shape[0]} "
+                                         f"images (give 1 or {images_bchw.shape[0]})")
+    total = images_bchw.shape[0] * len(metrics)
+    bar = comfy.utils.ProgressBar(total)
+    result = iqa_models.IQAScores()
+    for index, metric in enumerate(metrics):
+        offset = index * images_bchw.shape[0]
+
+        def progress(done, _count, offset=offset):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(offset + done, total)
+        try:
+            values = iqa_models.score_in_chunks(metric, images_bchw, reference_bchw, chunk_size, progress)
+        except (ValueError, AssertionError, RuntimeError) as error:
+            _fail(node, "images", f"metric '{metric.name}' could not score them: {error}")
+        result.add(metric, values.detach().float().cpu().tolist())
+    return result
+
+
+def _append_rows(path: str, fmt: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if fmt == "csv":
+        new = not os.path.exists(path)
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    else:  # JSON lines: one object per row, append-friendly
+        with open(path, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+
+
+class IQAScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IQAScore",
+            display_name="IQA Score",
+            category=CATEGORY,
+            description="Score images with one or more IQA metrics (numbers equal pyiqa's on the same tensor). "
+                        "RGBA images lose their alpha channel (not composited); grayscale is repeated to RGB.",
+            inputs=[
+                io.Image.Input("images", tooltip="Images to score."),
+                MetricType.Input("metric", tooltip="From IQA Metric Loader."),
+                MetricType.Input("metric_2", optional=True, tooltip="A second metric (optional)."),
+                MetricType.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
+                io.Image.Input("reference", optional=True,
+                               tooltip="Reference images for full-reference metrics (same size; 1 or one per image)."),
+                io.Int.Input("chunk_size", default=8, min=1, max=256,
+                             tooltip="Images per forward pass (lower = less memory)."),
+                io.Combo.Input("save_rows", options=SAVE_FORMATS, default="none",
+                               tooltip="Append one row per image and metric to a file in the output folder."),
+                io.String.Input("filename_prefix", default="iqa_scores/scores",
+                                tooltip="File path inside the output folder (extension added)."),
+            ],
+            outputs=[
+                ScoresType.Output(display_name="scores"),
+                io.String.Output(display_name="table"),
+                io.Float.Output(display_name="mean"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, metric_2=None, metric_3=None,
+                reference=None) -> io.NodeOutput:
+        node = "IQAScore"
+        metrics = []
+        for input_name, value in (("metric", metric), ("metric_2", metric_2), ("metric_3", metric_3)):
+            if value is None:
+                continue
+            if not isinstance(value, iqa_models.LoadedMetric):
+                _fail(node, input_name, f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}")
+            metrics.append(value)
+        if save_rows not in SAVE_FORMATS:
+            _fail(node, "save_rows", f"expected one of {SAVE_FORMATS}, got {save_rows!r}")
+        scores = score_images(metrics, images, reference, int(chunk_size), node)
+        table = scores.table()
+        if save_rows != "none":
+            output_dir = os.path.abspath(folder_paths.get_output_directory())
+            path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{'csv' if save_rows == 'csv' else 'jsonl'}"))
+            if os.path.commonpath([path, output_dir]) != output_dir:
+                _fail(node, "filename_prefix", f"'{filename_prefix}' points outside the output folder")
+            stamp = datetime.datetime.now().isoformat(timespec="seconds")
+            _append_rows(path, save_rows, scores.rows(timestamp=stamp))
+        first = scores.scores[metrics[0].name]
+        mean = float(sum(first) / len(first)) if first else float("nan")
+        return io.NodeOutput(scores, table, mean, ui=ui.PreviewText(table))
+
+
+NODES = [IQAMetricLoader, IQAScore]
