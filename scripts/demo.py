@@ -1,6 +1,7 @@
 """Run the example quality-target workflow headless and write images + a scores table.
 
-Starts a ComfyUI server (the host set up by scripts/setup.sh), queues the API-format graph
+Starts a ComfyUI server (the host set up by scripts/setup.sh), queues the shipped example
+workflows/api/sd15_quality_target.json (with this run's models and targets) plus a scoring branch:
 checkpoint -> IQA-Adapter (loader, target, apply) -> KSampler -> decode -> save -> score, and writes
 under output/demo/: the images, scores.csv and scores.json. With real weights in the host's model
 folders, pass their names (or set IQA_DEMO_CKPT / IQA_DEMO_ADAPTER).
@@ -23,68 +24,46 @@ sys.path.insert(0, str(SCRIPTS))
 from comfy_server import ComfyServer, ensure_pack_linked, host_dir  # noqa: E402
 
 
-def build_graph(args, info: dict) -> tuple[dict, str, str | None]:
-    """API-format graph; returns (graph, save node id, score node id or None)."""
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    g = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": args.ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": args.prompt, "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": args.negative, "clip": ["ckpt", 1]}},
-        "latent": {"class_type": "EmptyLatentImage",
-                   "inputs": {"width": args.size, "height": args.size, "batch_size": len(targets)}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "demo/iqa"}},
-    }
-    if "IQAAdapterApply" in info:
-        # one batch, each latent its own target (one text row per image)
-        g["adapter"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": args.adapter}}
-        g["target"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-            "adapter": ["adapter", 0], "targets": "; ".join(f"*={t}" for t in targets),
-            "target": float(targets[0]), "mode": "percentile", "negative_scale": 0.0}}
-        g["apply"] = {"class_type": "IQAAdapterApply", "inputs": {
-            "model": ["ckpt", 0], "adapter": ["adapter", 0], "tokens": ["target", 0],
-            "weight": args.weight, "start_at": 0.0, "end_at": 1.0}}
-        g["sampler"]["inputs"]["model"] = ["apply", 0]
-    else:
-        print("[demo] the adapter nodes are not registered: running the plain graph", file=sys.stderr)
-    score_id = None
-    if "IQAScore" in info and "IQAMetricLoader" in info:
-        g["metric"] = {"class_type": "IQAMetricLoader", "inputs": {"metric": args.metric, "device": "cpu",
-                                                                  "differentiable": False}}
-        g["score"] = {"class_type": "IQAScore", "inputs": {"images": ["decode", 0], "metric": ["metric", 0]}}
-        score_id = "score"
-    return g, "save", score_id
+WORKFLOW = ROOT / "workflows" / "api" / "sd15_quality_target.json"
 
 
-def fill_widget_defaults(graph: dict, info: dict) -> None:
-    """Give every node the server's default for any required widget the graph leaves out."""
-    for node in graph.values():
-        spec = info.get(node["class_type"], {}).get("input", {}).get("required", {})
-        for name, definition in spec.items():
-            if name in node["inputs"] or not isinstance(definition, list) or len(definition) < 2:
-                continue
-            options = definition[1] if isinstance(definition[1], dict) else {}
-            if "default" in options:
-                node["inputs"][name] = options["default"]
+def adapter_metrics(comfy_dir: pathlib.Path, adapter_name: str) -> list[str]:
+    """The adapter's metrics, in order, from its descriptor (sidecar JSON or the built-in catalog)."""
+    from _pack import load_pack
+
+    load_pack()
+    from comfyui_iqa_adapter.adapter.descriptor import resolve_descriptor
+
+    return list(resolve_descriptor(comfy_dir / "models" / "iqa_adapter" / adapter_name).metrics)
 
 
-def score_locally(paths: list[pathlib.Path], metric: str) -> list[float]:
-    import numpy as np
-    import pyiqa
-    import torch
-    from PIL import Image
+def nodes_of(graph: dict, class_type: str) -> list[dict]:
+    return [node for node in graph.values() if node["class_type"] == class_type]
 
-    net = pyiqa.create_metric(metric, device="cpu")
-    scores = []
-    for p in paths:
-        arr = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0
-        with torch.no_grad():
-            scores.append(float(net(torch.from_numpy(arr).permute(2, 0, 1)[None])))
-    return scores
+
+def build_graph(args, metrics: list[str], targets: list[float]) -> dict:
+    """The shipped SD1.5 example (workflows/api) with this run's models, targets and a scoring branch."""
+    graph = json.loads(WORKFLOW.read_text())
+    nodes_of(graph, "CheckpointLoaderSimple")[0]["inputs"]["ckpt_name"] = args.ckpt
+    nodes_of(graph, "IQAAdapterLoader")[0]["inputs"]["adapter_name"] = args.adapter
+    # one batch, one row of targets per image: every metric of the adapter at that percentile
+    rows = "; ".join(", ".join(f"{m}={t:g}" for m in metrics) for t in targets)
+    nodes_of(graph, "IQAAdapterEncodeTarget")[0]["inputs"].update(targets=rows, mode="percentile")
+    nodes_of(graph, "IQAAdapterApply")[0]["inputs"]["weight"] = args.weight
+    nodes_of(graph, "EmptyLatentImage")[0]["inputs"].update(width=args.size, height=args.size,
+                                                           batch_size=len(targets))
+    nodes_of(graph, "KSampler")[0]["inputs"].update(seed=args.seed, steps=args.steps, cfg=args.cfg)
+    positive = graph[nodes_of(graph, "KSampler")[0]["inputs"]["positive"][0]]
+    positive["inputs"]["text"] = args.prompt
+    save = nodes_of(graph, "SaveImage")[0]
+    save["inputs"]["filename_prefix"] = "demo/iqa"
+    decode_ref = save["inputs"]["images"]
+    graph["demo_metric"] = {"class_type": "IQAMetricLoader",
+                            "inputs": {"metric": args.metric, "device": "cpu", "differentiable": False}}
+    graph["demo_score"] = {"class_type": "IQAScore", "inputs": {
+        "images": decode_ref, "metric": ["demo_metric", 0], "chunk_size": 8, "save_rows": "csv",
+        "filename_prefix": "demo/scores"}}
+    return graph
 
 
 def main(argv=None) -> int:
@@ -105,14 +84,14 @@ def main(argv=None) -> int:
 
     comfy_dir = host_dir()
     ensure_pack_linked(comfy_dir)
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    metrics = adapter_metrics(comfy_dir, args.adapter)
     args.out.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-demo-"))
     t0 = time.perf_counter()
     with ComfyServer(work, comfy_dir) as server:
         print(f"[demo] ComfyUI up at {server.url} in {time.perf_counter() - t0:.0f} s (log: {server.log_path})")
-        info = server.object_info()
-        graph, save_id, score_id = build_graph(args, info)
-        fill_widget_defaults(graph, info)
+        graph = build_graph(args, metrics, targets)
         (args.out / "workflow_api.json").write_text(json.dumps(graph, indent=2))
         t1 = time.perf_counter()
         result = server.run(graph, timeout=1800)
@@ -120,31 +99,27 @@ def main(argv=None) -> int:
             print(f"[demo] the workflow failed: {result.error_message()}\n{server.log_tail()}", file=sys.stderr)
             return 1
         print(f"[demo] workflow ran in {time.perf_counter() - t1:.1f} s")
+        save_id = next(k for k, v in graph.items() if v["class_type"] == "SaveImage")
         images = []
         for image in result.images(save_id):
             src = server.output_file(image)
-            dst = args.out / src.name
-            shutil.copy2(src, dst)
-            images.append(dst)
-        scores = None
-        if score_id:
-            table = result.outputs.get(score_id, {})
-            scores = table.get("scores") or None
-        if scores is None:
-            scores = score_locally(images, args.metric)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    rows = [{"image": img.name, "target_percentile": targets[i] if i < len(targets) else "",
-             "metric": args.metric, "score": round(float(s), 6)}
-            for i, (img, s) in enumerate(zip(images, scores))]
+            shutil.copy2(src, args.out / src.name)
+            images.append(src.name)
+        with open(server.output_dir / "demo" / "scores.csv", newline="") as f:
+            score_rows = list(csv.DictReader(f))
+    rows = [{"image": images[int(r["image"])], "target_percentile": targets[int(r["image"])],
+             "metric": r["metric"], "lower_better": r["lower_better"], "score": round(float(r["score"]), 6)}
+            for r in score_rows]
     with open(args.out / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (args.out / "scores.json").write_text(json.dumps({"ckpt": args.ckpt, "adapter": args.adapter,
-                                                      "prompt": args.prompt, "seed": args.seed, "rows": rows},
-                                                     indent=2))
+    (args.out / "scores.json").write_text(json.dumps(
+        {"ckpt": args.ckpt, "adapter": args.adapter, "adapter_metrics": metrics, "prompt": args.prompt,
+         "seed": args.seed, "steps": args.steps, "size": args.size, "rows": rows}, indent=2))
     for row in rows:
-        print(f"[demo] {row['image']}: target {row['target_percentile']} -> {args.metric} {row['score']}")
+        print(f"[demo] {row['image']}: target percentile {row['target_percentile']:g} -> "
+              f"{row['metric']} {row['score']}")
     print(f"[demo] images and scores table written to {args.out}")
     return 0
 

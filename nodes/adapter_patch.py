@@ -1,0 +1,235 @@
+"""Install IQA-Adapter decoupled cross-attention on a ComfyUI model (host glue; the math is adapter/attention.py).
+
+One attn2 replace patch per cross-attention layer, keyed `(block_name, block_id, transformer_index)` as
+the host's BasicTransformerBlock looks them up. The host hands the patch q = to_q(n), k = to_k(context),
+v = to_v(context) and applies to_out to what the patch returns, so the patch returns
+`A_text + weight * A_quality` (reference README §1.5).
+
+Design decisions:
+- The quality tokens' keys/values are computed once per apply (fp32, CPU) and cached per
+  (device, dtype) inside each patch object; the adapter's weights are not touched while sampling.
+  Hence the patches expose no `.models()`: there is no module for the host to load or offload, only
+  a few (N x hidden) tensors per layer that follow the activations' device.
+- Patch objects are immutable: `__deepcopy__` returns the object itself, so `ModelPatcher.clone()`
+  (which deep-copies model_options) shares them instead of duplicating tensors.
+- weight == 0, or a step outside [start_at, end_at], skips the quality branch entirely: the text
+  attention is then computed exactly as the unpatched host does, so the result is bit-identical.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapter import attention as adapter_attention
+from ..adapter import layers as adapter_layers
+
+NODE = "IQAAdapterApply"
+
+
+# ---------------------------------------------------------------- model inspection
+
+def _diffusion_model(model):
+    inner = getattr(model, "model", None)
+    unet = getattr(inner, "diffusion_model", None)
+    if unet is None or not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        kind = type(inner).__name__ if inner is not None else type(model).__name__
+        raise ValueError(f"{NODE}: model: {kind} has no LDM UNet (input_blocks/middle_block/output_blocks); "
+                         "IQA-Adapter works with SD1.5 / SDXL-family UNets")
+    return unet
+
+
+def _spatial_transformers(block):
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    modules = block if isinstance(block, torch.nn.Sequential) else [block]
+    return [m for m in modules if isinstance(m, SpatialTransformer)]
+
+
+def unet_cross_attention_layers(model) -> tuple[list[tuple[str, int, int]], list[int], int]:
+    """Walk the host UNet: (layer keys in checkpoint order, hidden width of each, context dim).
+
+    Works on any device, meta included (only weight shapes are read).
+    """
+    unet = _diffusion_model(model)
+    layout, widths, context_dims = [], {}, set()
+    groups = [("input", list(unet.input_blocks)), ("middle", [unet.middle_block]), ("output", list(unet.output_blocks))]
+    for block_name, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            transformers = _spatial_transformers(block)
+            if not transformers:
+                continue
+            if len(transformers) > 1:
+                raise ValueError(f"{NODE}: model: block ({block_name}, {block_id}) holds {len(transformers)} "
+                                 "spatial transformers; the host's patch keys cannot tell them apart")
+            blocks_in = list(transformers[0].transformer_blocks)
+            layout.append((block_name, block_id, len(blocks_in)))
+            for j, tb in enumerate(blocks_in):
+                if tb.attn2 is None:
+                    raise ValueError(f"{NODE}: model: layer ({block_name}, {block_id}, {j}) has no cross-attention")
+                widths[(block_name, block_id, j)] = int(tb.attn2.to_k.weight.shape[0])
+                context_dims.add(int(tb.attn2.to_k.weight.shape[1]))
+    keys = adapter_layers.ordered_layer_keys(layout)
+    if not keys:
+        raise ValueError(f"{NODE}: model: the UNet has no cross-attention layers")
+    if len(context_dims) != 1:
+        raise ValueError(f"{NODE}: model: cross-attention layers take different context sizes {sorted(context_dims)}")
+    return keys, [widths[k] for k in keys], context_dims.pop()
+
+
+def check_adapter_fits(model, adapter) -> list[tuple[str, int, int]]:
+    keys, widths, context_dim = unet_cross_attention_layers(model)
+    try:
+        adapter_layers.check_layers_match(adapter.info.layer_widths, adapter.info.cross_attention_dim, widths,
+                                          context_dim, adapter_name=f"adapter ({adapter.info.base})")
+    except ValueError as error:
+        raise ValueError(f"{NODE}: adapter: {error}") from None
+    return keys
+
+
+# ---------------------------------------------------------------- the patch
+
+_HOST_ATTENTION = None
+
+
+def _host_text_attention(q, k, v, extra_options):
+    """Exactly what the unpatched CrossAttention computes between to_q/k/v and to_out."""
+    global _HOST_ATTENTION
+    if _HOST_ATTENTION is None:
+        from comfy.ldm.modules import attention as host_attention
+
+        _HOST_ATTENTION = host_attention
+    # Looked up per call: the host picks its attention backend at startup (module attribute).
+    return _HOST_ATTENTION.optimized_attention(q, k, v, extra_options["n_heads"],
+                                              attn_precision=extra_options.get("attn_precision"),
+                                              transformer_options=extra_options)
+
+
+class SigmaWindow:
+    """Whether the current step lies in [start_at, end_at] (fractions of the schedule, host's percent_to_sigma)."""
+
+    def __init__(self, sigma_start: float, sigma_end: float, always: bool):
+        self.sigma_start, self.sigma_end, self.always = float(sigma_start), float(sigma_end), always
+        self._last = (None, True)  # (sigmas tensor, verdict): one host sync per model call, not per layer
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def active(self, extra_options) -> bool:
+        if self.always:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        last_tensor, verdict = self._last
+        if last_tensor is sigmas:  # the host passes the same tensor object to every layer of one call
+            return verdict
+        sigma = float(sigmas.detach().flatten()[0].item())
+        verdict = self.sigma_end <= sigma <= self.sigma_start
+        self._last = (sigmas, verdict)
+        return verdict
+
+
+class IQAAttn2Patch:
+    """attn2 replace patch for one layer: text attention (own or a chained patch's) + weight * quality attention."""
+
+    def __init__(self, layer_key, k_cond, v_cond, k_uncond, v_uncond, weight: float, window: SigmaWindow,
+                 previous=None, label: str = ""):
+        self.layer_key = layer_key
+        self.kv_cpu = (k_cond, v_cond, k_uncond, v_uncond)  # (B_t, N, hidden) fp32 CPU each
+        self.targets = k_cond.shape[0]
+        self.weight = float(weight)
+        self.window = window
+        self.previous = previous  # an attn2 replace patch that was there before (IPAdapter, another IQA adapter)
+        self.label = label
+        self._device_cache: dict = {}  # (device, dtype) -> kv; (device, dtype, layout) -> batched kv
+
+    def __deepcopy__(self, memo):
+        return self  # immutable apart from caches; ModelPatcher.clone must not duplicate the tensors
+
+    def to(self, device):  # called by ModelPatcher.model_patches_to; the cache moves lazily
+        return self
+
+    def _kv_on(self, device, dtype):
+        key = (device, dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = tuple(t.to(device=device, dtype=dtype) for t in self.kv_cpu)
+            self._device_cache[key] = cached
+        return cached
+
+    def _batched_kv(self, q, cond_or_uncond):
+        chunks = len(cond_or_uncond)
+        if q.shape[0] % chunks:
+            raise ValueError(f"{NODE}: batch of {q.shape[0]} does not split into {chunks} cond/uncond chunks")
+        chunk_batch = q.shape[0] // chunks
+        layout = (q.device, q.dtype, tuple(cond_or_uncond), chunk_batch)
+        cached = self._device_cache.get(layout)
+        if cached is not None:
+            return cached
+        if self.targets not in (1, chunk_batch):
+            raise ValueError(f"{NODE}: tokens: the quality tokens hold {self.targets} targets but the latent batch is "
+                             f"{chunk_batch}; give 1 target (used for every image) or exactly {chunk_batch} "
+                             "(target i for image i)")
+        k_cond, v_cond, k_uncond, v_uncond = self._kv_on(q.device, q.dtype)
+        ks, vs = [], []
+        for kind in cond_or_uncond:  # 0 = cond, 1 = uncond (host convention)
+            k, v = (k_uncond, v_uncond) if kind == 1 else (k_cond, v_cond)
+            ks.append(k.expand(chunk_batch, -1, -1))
+            vs.append(v.expand(chunk_batch, -1, -1))
+        cached = (torch.cat(ks).contiguous(), torch.cat(vs).contiguous())
+        self._device_cache[layout] = cached
+        return cached
+
+    def __call__(self, q, k, v, extra_options):
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            out = _host_text_attention(q, k, v, extra_options)
+        if self.weight == 0.0 or not self.window.active(extra_options):
+            return out
+        k_ip, v_ip = self._batched_kv(q, extra_options.get("cond_or_uncond") or [0])
+        ip_out = adapter_attention.ip_attention(q, k_ip, v_ip, extra_options["n_heads"])
+        return adapter_attention.decoupled_output(out, ip_out.to(out.dtype), self.weight)
+
+
+# ---------------------------------------------------------------- apply
+
+def _check_tokens(adapter, tokens) -> None:
+    if tokens.cross_attention_dim != adapter.info.cross_attention_dim:
+        raise ValueError(f"{NODE}: tokens: quality tokens have width {tokens.cross_attention_dim} but the adapter "
+                         f"expects C={adapter.info.cross_attention_dim} (tokens made by another adapter?)")
+    if tokens.num_tokens != adapter.info.num_tokens:
+        raise ValueError(f"{NODE}: tokens: {tokens.num_tokens} quality tokens per target but the adapter was trained "
+                         f"with N={adapter.info.num_tokens} (tokens made by another adapter?)")
+
+
+def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+    """A clone of `model` with the adapter's decoupled cross-attention on every attn2 layer."""
+    import math
+
+    if not math.isfinite(weight):
+        raise ValueError(f"{NODE}: weight: must be a finite number, got {weight}")
+    if not (0.0 <= start_at <= 1.0 and 0.0 <= end_at <= 1.0):
+        raise ValueError(f"{NODE}: start_at/end_at: must be in [0, 1], got {start_at} and {end_at}")
+    if start_at > end_at:
+        raise ValueError(f"{NODE}: start_at: must not be after end_at, got start_at={start_at} > end_at={end_at}")
+    _check_tokens(adapter, tokens)
+    keys = check_adapter_fits(model, adapter)
+
+    patched = model.clone()
+    sampling = patched.get_model_object("model_sampling")
+    always = start_at <= 0.0 and end_at >= 1.0
+    window = SigmaWindow(sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), always)
+
+    both = torch.cat([tokens.cond, tokens.uncond]).to(torch.float32)
+    kv = adapter_attention.precompute_ip_kv(adapter, both)
+    b = tokens.cond.shape[0]
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    label = getattr(adapter, "path", "")
+    for position, key in enumerate(keys):
+        k_all, v_all = kv[position]
+        # The host looks up the 3-tuple key first, then (block_name, block_id): chain whichever is there.
+        previous = existing.get(key, existing.get(key[:2]))
+        patch = IQAAttn2Patch(key, k_all[:b].contiguous(), v_all[:b].contiguous(), k_all[b:].contiguous(),
+                              v_all[b:].contiguous(), weight, window, previous=previous, label=label)
+        patched.set_model_attn2_replace(patch, key[0], key[1], key[2])
+    return patched

@@ -1,0 +1,166 @@
+"""The adapter nodes in a real ComfyUI server (tiny SD1.5 + tiny adapter, 64x64, 2 steps), plus the
+in-process guarantee that IQAAdapterApply never touches the model it is given.
+"""
+from __future__ import annotations
+
+import copy
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
+
+
+def adapter_graph(txt2img, targets="", target=99.0, weight=1.0, batch=1, prefix="iqa_nodes", adapter=TINY_ADAPTER,
+                  mode="percentile"):
+    graph = txt2img(batch=batch, prefix=prefix, steps=2)
+    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
+    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
+        "adapter": ["10", 0], "targets": targets, "target": target, "mode": mode, "negative_scale": 0.0}}
+    graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
+        "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": weight, "start_at": 0.0, "end_at": 1.0}}
+    graph["5"]["inputs"]["model"] = ["12", 0]
+    return graph
+
+
+def pixels(server, result, node="7") -> list[np.ndarray]:
+    assert result.ok, result.error_message()
+    return [np.asarray(Image.open(server.output_file(image)).convert("RGB")).astype(np.int16)
+            for image in result.images(node)]
+
+
+def test_workflow_runs_and_targets_change_the_image(comfy_server, txt2img):
+    plain = pixels(comfy_server, comfy_server.run(txt2img(prefix="iqa_plain")))
+    high = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, prefix="iqa_high")))
+    low = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=1.0, prefix="iqa_low")))
+    zero = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, weight=0.0, prefix="iqa_zero")))
+    assert len(high) == len(low) == 1
+    assert np.abs(high[0] - low[0]).max() > 8, "target 99 and target 1 gave the same image"
+    assert np.abs(high[0] - plain[0]).max() > 8, "the adapter had no effect"
+    assert np.array_equal(zero[0], plain[0]), "weight 0 must reproduce the unpatched image bit-for-bit"
+
+
+def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
+    rows = "topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1\ntopiq_nr=50, laion_aes=99; topiq_nr=99, laion_aes=1"
+    varied = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, targets=rows, batch=4, prefix="iqa_b4")))
+    # Same batch, row 0's target everywhere: latent 0 keeps its image, latents 1..3 change.
+    same = pixels(comfy_server, comfy_server.run(adapter_graph(
+        txt2img, targets=";".join(["topiq_nr=99, laion_aes=99"] * 4), batch=4, prefix="iqa_b4same")))
+    assert len(varied) == len(same) == 4
+    assert np.abs(varied[0] - same[0]).max() <= 1, "latent 0 must only see target 0"
+    for i in (1, 2, 3):
+        assert np.abs(varied[i] - same[i]).max() > 8, f"latent {i} did not get target {i}"
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not np.array_equal(varied[i], varied[j])
+
+
+def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
+    result = comfy_server.run(adapter_graph(txt2img, targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1",
+                                            batch=3, prefix="iqa_badbatch"))
+    assert not result.ok
+    message = result.error_message()
+    assert "IQAAdapterApply: tokens" in message and "2 targets" in message and "latent batch is 3" in message
+    assert comfy_server.alive()
+
+
+@pytest.mark.parametrize("targets,target,expected", [
+    ("", 100.0, "IQAAdapterEncodeTarget: target: percentile must be in (0, 100), got 100"),
+    ("topiq_nr=99, laion_aes=100", 99.0, "IQAAdapterEncodeTarget: targets: percentile must be in (0, 100), got 100"),
+    ("topiq_nr=99", 99.0, "IQAAdapterEncodeTarget: targets: "),
+    ("topiq_nr=99, laion_aes=high", 99.0, "IQAAdapterEncodeTarget: targets: "),
+])
+def test_bad_targets_name_the_node_and_input(comfy_server, txt2img, targets, target, expected):
+    result = comfy_server.run(adapter_graph(txt2img, targets=targets, target=target, prefix="iqa_badtarget"))
+    assert not result.ok
+    assert expected in result.error_message(), result.error_message()
+
+
+@pytest.fixture
+def bad_adapters(comfy_server, host_dir, tmp_path):
+    folder = pathlib.Path(comfy_server.models_dir) / "iqa_adapter"
+    good = folder / TINY_ADAPTER
+    created = []
+
+    def add(name: str, data: bytes, sidecar: str | None = None):
+        path = folder / name
+        path.write_bytes(data)
+        created.append(path)
+        if sidecar is not None:
+            side = path.with_suffix(".json")
+            side.write_text(sidecar)
+            created.append(side)
+        return name
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (marker,))
+
+    sidecar = (folder / "tiny_sd15_iqa_adapter.json").read_text()
+    cases = {
+        "wrong_metrics": (add("iqa_test_wrong_metrics.safetensors", good.read_bytes(),
+                              '{"kind": "score", "metrics": ["topiq_nr", "laion_aes", "musiq"], "normalization": "zscore"}'),
+                          "size 2"),
+        "truncated": (add("iqa_test_truncated.safetensors", good.read_bytes()[: good.stat().st_size // 2], sidecar),
+                      "truncated"),
+        "pickle": (add("iqa_test_malicious.bin", pickle.dumps({"image_proj": Exploit()}), sidecar), "refused"),
+    }
+    yield cases, marker
+    for path in created:
+        path.unlink(missing_ok=True)
+
+
+def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapters):
+    cases, marker = bad_adapters
+    for case, (name, expected) in cases.items():
+        result = comfy_server.run(adapter_graph(txt2img, adapter=name, prefix=f"iqa_bad_{case}"))
+        assert not result.ok, case
+        message = result.error_message()
+        assert message.startswith("IQAAdapterLoader: IQAAdapterLoader: adapter_name:"), message
+        assert name in message and expected in message, message
+        assert comfy_server.alive()
+    assert not marker.exists(), "the malicious pickle ran code"
+    # The server still works after the errors.
+    assert comfy_server.run(adapter_graph(txt2img, prefix="iqa_after_errors")).ok
+
+
+def test_tokens_save_and_load_roundtrip(comfy_server, txt2img):
+    graph = adapter_graph(txt2img, targets="topiq_nr=95, laion_aes=5", prefix="iqa_tokens_direct")
+    graph["13"] = {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["11", 0],
+                                                                    "filename_prefix": "iqa_test_tokens/t"}}
+    direct = comfy_server.run(graph)
+    saved = direct.outputs["13"]["tokens"][0]
+    assert saved["filename"].endswith(".safetensors")
+    loaded_graph = adapter_graph(txt2img, prefix="iqa_tokens_loaded")
+    loaded_graph["11"] = {"class_type": "IQAAdapterLoadTokens",
+                          "inputs": {"file": f"{saved['subfolder']}/{saved['filename']} [output]"}}
+    loaded = comfy_server.run(loaded_graph)
+    assert np.array_equal(pixels(comfy_server, direct)[0], pixels(comfy_server, loaded)[0])
+
+
+def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, host_dir):
+    from comfyui_iqa_adapter.nodes import adapter_nodes
+
+    model = tiny_checkpoint[0]
+    options_before = copy.deepcopy(model.model_options)
+    state_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    (adapter,) = adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args
+    (tokens,) = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "", 99.0, "percentile", 0.0).args
+    (patched,) = adapter_nodes.IQAAdapterApply.execute(model, adapter, tokens, 1.0, 0.0, 1.0).args
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.ones(2))
+    with torch.no_grad():
+        patched.model.apply_model(x, torch.ones(2), c_crossattn=context, transformer_options=options)
+    assert patched is not model and len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 7
+    assert model.model_options == options_before
+    state_after = model.model.state_dict()
+    assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    # The loader's cache returns the same object for an unchanged file.
+    assert adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args[0] is adapter
