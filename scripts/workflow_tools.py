@@ -7,6 +7,10 @@ host lists them in its template browser). The API twins in workflows/api/ are ge
     python scripts/workflow_tools.py check                # validate ui/*.json, fail if api/ is stale
     python scripts/workflow_tools.py author               # (re)write ui/*.json from the specs below
 
+`author` lays each example out in columns, data flowing left to right (loaders, text/conditioning,
+apply/patch, sampler, decode, score/save/report), with realistic node sizes and no overlaps
+(GraphBuilder.layout); `check` and `convert` also report nodes whose rectangles overlap.
+
 A server is started (ComfyServer) unless --url points at a running one: its /object_info is the ground
 truth of every node's inputs, widget order and output types.
 
@@ -272,22 +276,75 @@ def validate_ui(ui: dict, object_info: dict) -> list[str]:
 # Authoring: build UI files from compact specs (the result is then the source of truth)
 # --------------------------------------------------------------------------------------------------
 
+# Layout. The frontend renders a node at its stored size (growing it only up to computeSize()), with the
+# title bar drawn above pos[1]; so stored sizes must be realistic and stacking must count the title bar.
+TITLE_HEIGHT = 30     # LiteGraph.NODE_TITLE_HEIGHT
+SLOT_ROW = 20         # LiteGraph.NODE_SLOT_HEIGHT: one input/output socket row
+WIDGET_ROW = 24       # LiteGraph.NODE_WIDGET_HEIGHT + 4 px spacing
+MULTILINE_EXTRA = 90  # a multiline text box beyond its one widget row
+NODE_PADDING = 16     # below the last row
+COLUMN_GAP = 60
+ROW_GAP = 40          # between a node's bottom and the next node's title bar
+MARGIN = 20
+# The default view shows the whole graph in an 1800x1000 window, in the area left free by the sidebar,
+# top bar, run button and minimap, at no smaller zoom than where the frontend stops drawing text (~0.57).
+VIEW_AREA = (80, 140, 1680, 600)  # x, y, width, height in screen pixels
+VIEW_SCALE = (0.6, 0.8)
+
+
+def node_height(sockets: int, widget_rows: int, multiline: int) -> int:
+    """The body height (without title bar) that fits a node's rows, a little above the frontend's own
+    computeSize() for every node in the examples (checked by tests/test_browser.py)."""
+    return NODE_PADDING + SLOT_ROW * sockets + WIDGET_ROW * widget_rows + MULTILINE_EXTRA * multiline
+
+
+def note_height(text: str, width: int) -> int:
+    """A Note's body height that shows all of its text at `width` (monospace, ~7.5 px a character)."""
+    chars_per_line = max(1, int((width - 24) / 7.5))
+    lines = sum(max(1, -(-len(paragraph) // chars_per_line)) for paragraph in text.split("\n"))
+    return 40 + 16 * lines
+
+
+def rectangle(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node as drawn, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def overlapping_nodes(ui: dict) -> list[tuple[int, int]]:
+    """Pairs of node ids whose drawn rectangles overlap."""
+    boxes = [(n["id"], rectangle(n)) for n in ui["nodes"]]
+    pairs = []
+    for i, (id_a, a) in enumerate(boxes):
+        for id_b, b in boxes[i + 1:]:
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                pairs.append((id_a, id_b))
+    return pairs
+
+
 class GraphBuilder:
-    """Builds a UI workflow with widget order, extra widget values and output types from /object_info."""
+    """Builds a UI workflow with widget order, extra widget values and output types from /object_info.
+
+    Nodes are placed in columns (data flows left to right) and stacked in the order they are added;
+    layout() turns the column assignment and each node's estimated size into positions."""
 
     def __init__(self, object_info: dict):
         self.info = object_info
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self._by_id: dict[int, dict] = {}
+        self._column: dict[int, int] = {}
 
-    def add(self, kind: str, pos, widgets: dict | None = None, links: dict | None = None, title: str | None = None,
-            size=None, color: str | None = None) -> int:
+    def add(self, kind: str, column: int, widgets: dict | None = None, links: dict | None = None,
+            title: str | None = None, size=None, color: str | None = None) -> int:
+        """Add a node to `column` (0 = leftmost), below the nodes added there before. `size` is a minimum:
+        the width is widened to the column's, the height raised to what the node's rows need."""
         node_id = len(self.nodes) + 1
         widgets = dict(widgets or {})
         links = dict(links or {})
-        node = {"id": node_id, "type": kind, "pos": list(pos), "size": list(size or [320, 120]), "flags": {},
+        node = {"id": node_id, "type": kind, "pos": [0, 0], "size": list(size or [320, 60]), "flags": {},
                 "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {}}
+        self._column[node_id] = column
         if kind in FRONTEND_ONLY:
             node["widgets_values"] = [widgets["text"]]
             node["title"] = title or "Note"
@@ -324,8 +381,7 @@ class GraphBuilder:
         node["widgets_values"] = values
         multiline = sum(1 for name, spec in widget_inputs(info) if input_options(spec).get("multiline"))
         sockets = max(len([i for i in node["inputs"] if "widget" not in i]), len(info.get("output", [])))
-        needed = 36 + 22 * sockets + 24 * len(values) + 90 * multiline
-        node["size"][1] = max(node["size"][1], needed)
+        node["size"][1] = max(node["size"][1], node_height(sockets, len(values), multiline))
         for slot, out_type in enumerate(info.get("output", [])):
             names = info.get("output_name") or info.get("output", [])
             node["outputs"].append({"name": names[slot], "type": out_type, "slot_index": slot, "links": []})
@@ -348,14 +404,42 @@ class GraphBuilder:
         target["inputs"][slot]["link"] = link_id
         self._by_id[origin_id]["outputs"][origin_slot]["links"].append(link_id)
 
+    def layout(self) -> None:
+        """Columns left to right, each as wide as its widest node (notes excepted: they take the column's
+        width and the height their text needs), nodes stacked top-down ROW_GAP apart."""
+        x = MARGIN
+        for column in sorted(set(self._column.values())):
+            members = [n for n in self.nodes if self._column[n["id"]] == column]
+            widths = [n["size"][0] for n in members if n["type"] not in FRONTEND_ONLY]
+            width = max(widths or [n["size"][0] for n in members])
+            y = MARGIN + TITLE_HEIGHT
+            for node in members:
+                node["size"][0] = width
+                if node["type"] in FRONTEND_ONLY:
+                    node["size"][1] = max(node["size"][1], note_height(node["widgets_values"][0], width))
+                node["pos"] = [x, y]
+                y += node["size"][1] + ROW_GAP + TITLE_HEIGHT
+            x += width + COLUMN_GAP
+
+    def default_view(self) -> dict:
+        """extra.ds: scale and offset that show the whole graph (LiteGraph: screen = (graph + offset) * scale)."""
+        boxes = [rectangle(n) for n in self.nodes]
+        left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        width, height = max(b[2] for b in boxes) - left, max(b[3] for b in boxes) - top
+        view_x, view_y, view_w, view_h = VIEW_AREA
+        scale = min(view_w / width, view_h / height)
+        scale = round(min(max(scale, VIEW_SCALE[0]), VIEW_SCALE[1]), 3)
+        return {"scale": scale, "offset": [round(view_x / scale - left, 1), round(view_y / scale - top, 1)]}
+
     def workflow(self) -> dict:
+        self.layout()
         for node in self.nodes:
             for output in node["outputs"]:
                 if not output["links"]:
                     output["links"] = None
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": self.default_view()},
                 "version": 0.4}
 
 
@@ -370,18 +454,16 @@ SD15_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 def _text_to_image(b: GraphBuilder, ckpt: str, adapter: str, size: int, steps: int, cfg: float, negative: str,
                    batch: int = 1, tokens_from=None, adapter_id=None):
-    """Checkpoint + prompts + latent + adapter apply + sampler + decode; returns node ids."""
-    c = b.add("CheckpointLoaderSimple", (20, 160), {"ckpt_name": ckpt}, size=[320, 100])
-    pos = b.add("CLIPTextEncode", (380, 120), {"text": PROMPT}, {"clip": (c, 1)}, title="Positive prompt",
-                size=[400, 140])
-    neg = b.add("CLIPTextEncode", (380, 300), {"text": negative}, {"clip": (c, 1)}, title="Negative prompt",
-                size=[400, 120])
-    a = adapter_id or b.add("IQAAdapterLoader", (20, 480), {"adapter_name": adapter}, size=[340, 60])
+    """Checkpoint and adapter loaders (column 0), prompts (column 1); returns node ids."""
+    c = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": ckpt}, size=[340, 100])
+    pos = b.add("CLIPTextEncode", 1, {"text": PROMPT}, {"clip": (c, 1)}, title="Positive prompt", size=[360, 150])
+    neg = b.add("CLIPTextEncode", 1, {"text": negative}, {"clip": (c, 1)}, title="Negative prompt", size=[360, 150])
+    a = adapter_id or b.add("IQAAdapterLoader", 0, {"adapter_name": adapter}, size=[340, 60])
     return c, pos, neg, a
 
 
-def _sampler(b: GraphBuilder, model, pos, neg, latent, steps, cfg, seed=42, x=1260, y=120, title=None):
-    return b.add("KSampler", (x, y), {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+def _sampler(b: GraphBuilder, model, pos, neg, latent, steps, cfg, seed=42, column=3, title=None):
+    return b.add("KSampler", column, {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
                                      "scheduler": "normal", "denoise": 1.0},
                  {"model": model, "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)},
                  title=title, size=[300, 260])
@@ -392,16 +474,16 @@ def example_specs() -> dict:
 
     def quality_target(b, ckpt, adapter, size, steps, cfg, negative, note):
         c, pos, neg, a = _text_to_image(b, ckpt, adapter, size, steps, cfg, negative)
-        t = b.add("IQAAdapterEncodeTarget", (380, 480), {"targets": "topiq_nr=99, laion_aes=99", "target": 99.0,
-                                                         "mode": "percentile"}, {"adapter": (a, 0)}, size=[400, 200])
-        ap = b.add("IQAAdapterApply", (820, 120), {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0),
-                                                                      "tokens": (t, 0)}, size=[300, 160])
-        lat = b.add("EmptyLatentImage", (820, 340), {"width": size, "height": size, "batch_size": 1}, size=[300, 110])
+        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "topiq_nr=99, laion_aes=99", "target": 99.0,
+                                                "mode": "percentile"}, {"adapter": (a, 0)}, size=[360, 200])
+        ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
+                   size=[300, 160])
+        lat = b.add("EmptyLatentImage", 2, {"width": size, "height": size, "batch_size": 1}, size=[300, 110])
         k = _sampler(b, (ap, 0), pos, neg, lat, steps, cfg)
-        d = b.add("VAEDecode", (1600, 120), {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
-        b.add("SaveImage", (1840, 120), {"filename_prefix": "iqa_adapter/quality_99"}, {"images": (d, 0)},
-              size=[400, 440])
-        b.add("Note", (20, 620), {"text": note}, size=[760, 160])
+        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
+        b.add("SaveImage", 5, {"filename_prefix": "iqa_adapter/quality_99"}, {"images": (d, 0)},
+              size=[400, 400])
+        b.add("Note", 0, {"text": note})
 
     def sdxl(b):
         quality_target(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "",
@@ -418,88 +500,84 @@ def example_specs() -> dict:
 
     def sweep(b):
         c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "")
-        s = b.add("IQATargetSweep", (380, 480), {"metrics": "", "start": 1.0, "stop": 99.0, "steps": 8,
-                                                 "mode": "percentile", "spacing": "linear"},
-                  {"adapter": (a, 0)}, size=[400, 280])
-        ap = b.add("IQAAdapterApply", (820, 120), {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0),
-                                                                      "tokens": (s, 0)}, size=[300, 160])
-        lat = b.add("EmptyLatentImage", (820, 340), {"width": 1024, "height": 1024, "batch_size": 8},
+        s = b.add("IQATargetSweep", 1, {"metrics": "", "start": 1.0, "stop": 99.0, "steps": 8,
+                                        "mode": "percentile", "spacing": "linear"},
+                  {"adapter": (a, 0)}, size=[360, 280])
+        ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (s, 0)},
+                   size=[300, 160])
+        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 8},
                     {"batch_size": (s, 2)}, size=[300, 110])
         k = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0)
-        d = b.add("VAEDecode", (1600, 120), {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
-        m = b.add("IQAMetricLoader", (1260, 440), {"metric": "topiq_nr"}, size=[300, 110])
-        sc = b.add("IQAScore", (1600, 300), {}, {"images": (d, 0), "metric": (m, 0)}, size=[300, 120])
-        b.add("IQASweepReport", (1940, 120), {"filename_prefix": "iqa_sweep/sweep"},
-              {"images": (d, 0), "targets": (s, 1), "scores": (sc, 0)}, size=[420, 520])
-        b.add("Note", (20, 820), {"text": (
+        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
+        m = b.add("IQAMetricLoader", 4, {"metric": "topiq_nr"}, size=[300, 110])
+        sc = b.add("IQAScore", 5, {}, {"images": (d, 0), "metric": (m, 0)}, size=[300, 120])
+        b.add("IQASweepReport", 6, {"filename_prefix": "iqa_sweep/sweep"},
+              {"images": (d, 0), "targets": (s, 1), "scores": (sc, 0)}, size=[420, 460])
+        b.add("Note", 0, {"text": (
             "Degradation sweep: one sampler run renders 8 quality targets, CC3M percentile 1 -> 99 (row i of "
             "the tokens conditions image i; 'count' drives the latent batch size). IQA Score measures each image "
             "and the Sweep Report writes a labelled grid, a chart of measured score vs target with Spearman's "
-            "rho, and CSV/JSON tables to output/iqa_sweep. Low targets act as a degradation model.")},
-              size=[760, 160])
+            "rho, and CSV/JSON tables to output/iqa_sweep. Low targets act as a degradation model.")})
 
     def reference(b):
         c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_REF_ADAPTER, 1024, 30, 5.0, "")
-        img = b.add("LoadImage", (20, 620), {"image": "reference.png"}, size=[320, 320])
-        em = b.add("IQAMetricLoader", (380, 640), {"metric": "arniqa"}, title="Reference IQA model", size=[320, 110])
-        r = b.add("IQAAdapterEncodeReference", (380, 480), {}, {"adapter": (a, 0), "reference": (img, 0),
-                                                                 "metric": (em, 0)}, size=[400, 120])
-        ap = b.add("IQAAdapterApply", (820, 120), {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0),
-                                                                      "tokens": (r, 0)}, size=[300, 160])
-        lat = b.add("EmptyLatentImage", (820, 340), {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
+        img = b.add("LoadImage", 0, {"image": "reference.png"}, size=[340, 360])
+        em = b.add("IQAMetricLoader", 0, {"metric": "arniqa"}, title="Reference IQA model", size=[320, 110])
+        r = b.add("IQAAdapterEncodeReference", 1, {}, {"adapter": (a, 0), "reference": (img, 0),
+                                                        "metric": (em, 0)}, size=[360, 120])
+        ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (r, 0)},
+                   size=[300, 160])
+        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
         k = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0)
-        d = b.add("VAEDecode", (1600, 120), {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
-        b.add("SaveImage", (1840, 120), {"filename_prefix": "iqa_adapter/reference"}, {"images": (d, 0)},
-              size=[400, 440])
-        b.add("Note", (380, 800), {"text": (
+        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
+        b.add("SaveImage", 5, {"filename_prefix": "iqa_adapter/reference"}, {"images": (d, 0)},
+              size=[400, 400])
+        b.add("Note", 1, {"text": (
             "Reference-image quality transfer (IQA-Adapter v2): a reference-based adapter reads an IQA model's "
             "internal activations of the reference image and transfers its quality traits (blur, JPEG, noise, "
             "colour shift), not its objects or colours. Load a reference adapter, the IQA model its descriptor names "
-            "(the extractor), and any image.")},
-              size=[400, 160])
+            "(the extractor), and any image.")})
 
     def guidance(b):
         c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "")
-        t = b.add("IQAAdapterEncodeTarget", (380, 480), {"targets": "", "target": 99.0, "mode": "percentile"},
-                  {"adapter": (a, 0)}, size=[400, 200])
-        ap = b.add("IQAAdapterApply", (820, 120), {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0),
-                                                                      "tokens": (t, 0)}, size=[300, 160])
-        guide_metric = b.add("IQAMetricLoader", (380, 720), {"metric": "topiq_nr", "differentiable": True},
+        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
+                  {"adapter": (a, 0)}, size=[360, 200])
+        ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
+                   size=[300, 160])
+        guide_metric = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr", "differentiable": True},
                              title="Guiding metric", size=[320, 110])
-        gd = b.add("IQAGradientGuidance", (820, 560), {"scale": 1.0}, {"model": (ap, 0), "vae": (c, 2),
-                                                                         "metric": (guide_metric, 0)},
-                   size=[320, 280])
-        lat = b.add("EmptyLatentImage", (820, 340), {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
+        gd = b.add("IQAGradientGuidance", 2, {"scale": 1.0},
+                   {"model": (ap, 0), "vae": (c, 2), "metric": (guide_metric, 0)}, size=[320, 280])
+        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
         k1 = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0, title="KSampler (adapter only)")
-        k2 = _sampler(b, (gd, 0), pos, neg, lat, 30, 5.0, y=440, title="KSampler (adapter + gradient guidance)")
-        d1 = b.add("VAEDecode", (1600, 120), {}, {"samples": (k1, 0), "vae": (c, 2)}, size=[200, 50])
-        d2 = b.add("VAEDecode", (1600, 440), {}, {"samples": (k2, 0), "vae": (c, 2)}, size=[200, 50])
-        both = b.add("ImageBatch", (1840, 280), {}, {"image1": (d1, 0), "image2": (d2, 0)}, size=[200, 70])
-        b.add("SaveImage", (2080, 120), {"filename_prefix": "iqa_adapter/unguided_vs_guided"},
-              {"images": (both, 0)}, size=[480, 440])
-        m1 = b.add("IQAMetricLoader", (1600, 620), {"metric": "topiq_nr"}, title="Score: guiding metric",
+        k2 = _sampler(b, (gd, 0), pos, neg, lat, 30, 5.0, title="KSampler (adapter + gradient guidance)")
+        d1 = b.add("VAEDecode", 4, {}, {"samples": (k1, 0), "vae": (c, 2)}, size=[200, 50])
+        d2 = b.add("VAEDecode", 4, {}, {"samples": (k2, 0), "vae": (c, 2)}, size=[200, 50])
+        both = b.add("ImageBatch", 5, {}, {"image1": (d1, 0), "image2": (d2, 0)}, size=[200, 70])
+        b.add("SaveImage", 6, {"filename_prefix": "iqa_adapter/unguided_vs_guided"},
+              {"images": (both, 0)}, size=[400, 400])
+        m1 = b.add("IQAMetricLoader", 5, {"metric": "topiq_nr"}, title="Score: guiding metric",
                    size=[300, 110])
-        m2 = b.add("IQAMetricLoader", (1600, 780), {"metric": "musiq"}, title="Score: second metric",
+        m2 = b.add("IQAMetricLoader", 5, {"metric": "musiq"}, title="Score: second metric",
                    size=[300, 110])
-        b.add("IQAScore", (1940, 620), {}, {"images": (both, 0), "metric": (m1, 0)}, size=[320, 140])
-        b.add("IQAScore", (1940, 800), {}, {"images": (both, 0), "metric": (m2, 0)}, size=[320, 140])
-        b.add("Note", (20, 880), {"text": (
+        b.add("IQAScore", 6, {}, {"images": (both, 0), "metric": (m1, 0)}, size=[320, 140])
+        b.add("IQAScore", 6, {}, {"images": (both, 0), "metric": (m2, 0)}, size=[320, 140])
+        b.add("Note", 0, {"text": (
             "Gradient quality guidance (the paper's first method) next to the adapter: the same seed with the "
             "adapter alone (image 1) and with the guiding metric's gradient added at every step (image 2). "
             "Scores are shown for the guiding metric and a second metric: guidance raises the metric it "
-            "follows far more than others, and high scales make adversarial textures.")}, size=[760, 160])
+            "follows far more than others, and high scales make adversarial textures.")})
 
     def score_images(b):
-        i1 = b.add("LoadImage", (20, 120), {"image": "example1.png"}, size=[300, 320])
-        i2 = b.add("LoadImage", (20, 480), {"image": "example2.png"}, size=[300, 320])
-        both = b.add("ImageBatch", (380, 300), {}, {"image1": (i1, 0), "image2": (i2, 0)}, size=[200, 70])
-        m = b.add("IQAMetricLoader", (380, 440), {"metric": "topiq_nr"}, size=[300, 110])
-        b.add("IQAScore", (720, 300), {}, {"images": (both, 0), "metric": (m, 0)}, size=[360, 200])
-        b.add("Note", (720, 560), {"text": (
+        i1 = b.add("LoadImage", 0, {"image": "example1.png"}, size=[300, 360])
+        i2 = b.add("LoadImage", 0, {"image": "example2.png"}, size=[300, 360])
+        both = b.add("ImageBatch", 1, {}, {"image1": (i1, 0), "image2": (i2, 0)}, size=[200, 70])
+        m = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr"}, size=[300, 110])
+        b.add("IQAScore", 2, {}, {"images": (both, 0), "metric": (m, 0)}, size=[360, 200])
+        b.add("Note", 2, {"text": (
             "Score existing images with any pyiqa metric (weights in models/iqa, nothing is downloaded). "
             "Batch more images with Image Batch (images of one size), or load a whole folder of the input "
-            "directory with 'Load Image Dataset from Folder': each image is then scored on its own.")},
-              size=[400, 160])
+            "directory with 'Load Image Dataset from Folder': each image is then scored on its own.")})
 
     return {"sdxl_quality_target": sdxl, "sd15_quality_target": sd15, "degradation_sweep": sweep,
             "reference_transfer": reference, "gradient_guidance": guidance, "score_images": score_images}
@@ -559,7 +637,9 @@ def main(argv=None) -> int:
             args.command = "convert"
         failures = 0
         for path in sorted(UI_DIR.glob("*.json")):
-            errors = validate_ui(json.loads(path.read_text()), object_info)
+            ui = json.loads(path.read_text())
+            errors = validate_ui(ui, object_info)
+            errors += [f"nodes {a} and {b} overlap (title bar included)" for a, b in overlapping_nodes(ui)]
             for error in errors:
                 print(f"{path.name}: {error}", file=sys.stderr)
             failures += bool(errors)

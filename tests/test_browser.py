@@ -76,7 +76,9 @@ def test_workflow_loads_in_frontend(page, path):
             const nodes = app.graph._nodes || app.graph.nodes;
             const registered = window.LiteGraph.registered_node_types;
             const report = nodes.map(n => ({id: n.id, type: n.type, registered: !!registered[n.type],
-                                            has_errors: !!n.has_errors, widgets: (n.widgets || []).length}));
+                                            has_errors: !!n.has_errors,
+                                            // '$$' widgets are the frontend's own (e.g. an image preview)
+                                            widgets: (n.widgets || []).filter(w => !String(w.name).startsWith('$$')).length}));
             const prompt = await app.graphToPrompt();
             const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 300));
             return {report, output: prompt.output, dialogs};
@@ -101,3 +103,48 @@ def test_workflow_loads_in_frontend(page, path):
         assert theirs[node_id]["class_type"] == node["class_type"]
         assert theirs[node_id]["inputs"] == node["inputs"], (path.name, node_id, node["class_type"])
     assert not page.page_errors, page.page_errors
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_workflow_layout_in_frontend(page, path):
+    """As the frontend draws it: no two node rectangles (getBounding: title bar included) overlap, every
+    stored size holds the node's rows (computeSize), Note texts need no scrolling, and the stored default
+    view shows every node inside the window."""
+    result = page.evaluate(
+        """async (workflow) => {
+            const app = window.app;
+            await app.loadGraphData(workflow, true, true, null);
+            await new Promise(r => setTimeout(r, 300));
+            const canvas = app.canvas;
+            const nodes = (app.graph._nodes || app.graph.nodes).map(n => ({
+                id: n.id, name: n.title || n.type, box: Array.from(n.getBounding()), size: Array.from(n.size),
+                needed: Array.from(n.computeSize()),
+                texts: (n.widgets || []).filter(w => w.element && w.element.tagName === 'TEXTAREA' && w.element.isConnected)
+                                        .map(w => [w.element.scrollHeight, w.element.clientHeight])}));
+            return {nodes, scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
+                    view: [canvas.canvas.clientWidth, canvas.canvas.clientHeight]};
+        }""", json.loads(path.read_text()))
+    nodes = result["nodes"]
+    overlaps = []
+    for i, a in enumerate(nodes):
+        ax, ay, aw, ah = a["box"]
+        for b in nodes[i + 1:]:
+            bx, by, bw, bh = b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                overlaps.append(f"{a['id']} {a['name']} {a['box']} / {b['id']} {b['name']} {b['box']}")
+    assert overlaps == [], f"{path.name}: overlapping nodes in the frontend: {overlaps}"
+    cramped = [(n["id"], n["name"], n["size"], n["needed"]) for n in nodes
+               if n["size"][0] + 0.5 < n["needed"][0] or n["size"][1] + 0.5 < n["needed"][1]]
+    assert cramped == [], f"{path.name}: stored size smaller than the node's rows: {cramped}"
+    notes = [n for n in nodes if n["name"] == "Note"]
+    assert notes and all(n["texts"] for n in notes), f"{path.name}: the Note's text box was not rendered"
+    scrolling = [(n["id"], n["name"], n["texts"]) for n in nodes for scroll, client in n["texts"] if scroll > client + 1]
+    assert scrolling == [], f"{path.name}: text boxes that need scrolling: {scrolling}"
+    scale, (off_x, off_y), (view_w, view_h) = result["scale"], result["offset"], result["view"]
+    outside = []
+    for n in nodes:
+        x, y, w, h = n["box"]
+        left, top = (x + off_x) * scale, (y + off_y) * scale
+        if left < 0 or top < 0 or left + w * scale > view_w or top + h * scale > view_h:
+            outside.append((n["id"], n["name"]))
+    assert outside == [], f"{path.name}: nodes outside the default view ({view_w}x{view_h}): {outside}"

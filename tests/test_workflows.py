@@ -66,6 +66,53 @@ def test_api_twin_is_generated_from_ui(object_info, name):
         f"workflows/api/{name}.json is stale: run `python scripts/workflow_tools.py convert`"
 
 
+TITLE_BAR = 30  # LiteGraph draws a node's title bar this far above pos[1]
+
+
+def _drawn_box(node: dict) -> tuple[float, float, float, float]:
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_BAR, x + w, y + h
+
+
+def _overlaps(ui: dict) -> list[str]:
+    boxes = [(f"{n['id']} ({n.get('title') or n['type']})", _drawn_box(n)) for n in ui["nodes"]]
+    found = []
+    for i, (name_a, a) in enumerate(boxes):
+        for name_b, b in boxes[i + 1:]:
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                found.append(f"{name_a} overlaps {name_b}: {a} / {b}")
+    return found
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_nodes_do_not_overlap(name):
+    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    assert all(len(n["size"]) == 2 and n["size"][0] >= 140 and n["size"][1] >= 40 for n in ui["nodes"]), \
+        "every node stores a realistic size"
+    assert _overlaps(ui) == []
+    # the check itself catches a node dropped onto its neighbour's title bar
+    broken = copy.deepcopy(ui)
+    first, second = broken["nodes"][:2]
+    second["pos"] = [first["pos"][0] + 10, first["pos"][1] + first["size"][1] + TITLE_BAR // 2]
+    assert _overlaps(broken)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_flows_left_to_right(name):
+    """Every link leaves a node that lies wholly left of the node it feeds (columns, no back-links), or
+    one right above it in the same column (a patch chain, e.g. adapter apply -> gradient guidance)."""
+    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+
+    def forward(origin: dict, target: dict) -> bool:
+        o, t = _drawn_box(origin), _drawn_box(target)
+        return o[2] < t[0] or (o[0] == t[0] and o[3] < t[1])
+
+    backwards = [f"link {link[0]}: {nodes[link[1]]['type']} -> {nodes[link[3]]['type']}" for link in ui["links"]
+                 if not forward(nodes[link[1]], nodes[link[3]])]
+    assert backwards == []
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 @pytest.fixture(scope="module")
