@@ -1,0 +1,235 @@
+"""IQAGradientGuidance: steer any sampler with a differentiable IQA metric's gradient (host glue; the math is
+adapter/guidance.py).
+
+The patch is a sampler post-CFG function on a model clone, so it stacks with other patches (IQAAdapterApply's
+attention patches, other post-CFG functions) and works with every sampler: each model evaluation inside the
+chosen step range replaces the CFG-combined denoised estimate D by D + s·σ²·∇_D S.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..adapter import guidance
+
+NODE = "IQAGradientGuidance"
+DECODERS = ("vae", "taesd")
+logger = logging.getLogger(__name__)
+
+# TAESD decoders read from models/vae_approx, cached by (path, mtime, size).
+_TAESD_CACHE: dict[tuple, torch.nn.Module] = {}
+
+
+def _fail(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def _latent_format(model):
+    return model.get_model_object("latent_format")
+
+
+def _to_vae_latent(latent_format):
+    # The sampler works in the model's scaled latent space; the VAE expects process_out(latent).
+    return latent_format.process_out
+
+
+def _taesd_module(latent_format):
+    """The host's TAESD with the decoder from models/vae_approx matching the model's latent format."""
+    import comfy.taesd.taesd
+
+    name = getattr(latent_format, "taesd_decoder_name", None)
+    if not name:
+        raise _fail("decoder", f"'taesd' is not available for the latent format {type(latent_format).__name__} "
+                               f"(no TAESD decoder exists for it); use decoder 'vae'.")
+    candidates = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name + ".")]
+    if not candidates:
+        folders = ", ".join(folder_paths.get_folder_paths("vae_approx"))
+        raise _fail("decoder", f"'taesd' needs '{name}.safetensors' (or .pth) in models/vae_approx "
+                               f"(searched: {folders}); put the file there or use decoder 'vae'.")
+    path = folder_paths.get_full_path_or_raise("vae_approx", min(candidates))
+    stat = os.stat(path)
+    key = (path, stat.st_mtime, stat.st_size)
+    if key not in _TAESD_CACHE:
+        with torch.inference_mode(False):
+            state = comfy.utils.load_torch_file(path, safe_load=True)
+            channels = state["1.weight"].shape[1] if "1.weight" in state else latent_format.latent_channels
+            module = comfy.taesd.taesd.TAESD(latent_channels=channels)
+            module.taesd_decoder.load_state_dict(state)
+            # TAESD decodes the sampler-space latent: undo process_out's scaling/shift exactly.
+            module.vae_scale.data.fill_(float(latent_format.scale_factor))
+            module.vae_shift.data.fill_(float(getattr(latent_format, "shift_factor", None) or 0.0))
+            module.eval()
+        _TAESD_CACHE.clear()
+        _TAESD_CACHE[key] = module
+    return _TAESD_CACHE[key]
+
+
+def _decoder_latent_channels(module, fallback):
+    """Latent channels the decoder really takes (the VAE object's attribute is not set on every load path)."""
+    for path in ("post_quant_conv", "decoder.conv_in", "taesd_decoder.1"):
+        layer = module
+        for part in path.split("."):
+            layer = layer[int(part)] if part.isdigit() and isinstance(layer, torch.nn.Sequential) \
+                else getattr(layer, part, None)
+            if layer is None:
+                break
+        if isinstance(layer, torch.nn.Conv2d):
+            return layer.in_channels
+    return fallback
+
+
+def _decoder_source(decoder: str, vae, latent_format):
+    if decoder == "vae":
+        if vae is None:
+            raise _fail("vae", "decoder 'vae' needs a VAE connected")
+        module = getattr(vae, "first_stage_model", None)
+        if module is None or not hasattr(module, "decode"):
+            raise _fail("vae", f"this VAE ({type(module).__name__}) has no differentiable decoder")
+        vae_channels = _decoder_latent_channels(module, getattr(vae, "latent_channels", None))
+        if vae_channels is not None and vae_channels != latent_format.latent_channels:
+            raise _fail("vae", f"the VAE has {vae_channels} latent channels but the model's latent format "
+                               f"{type(latent_format).__name__} has {latent_format.latent_channels}; connect "
+                               f"the VAE that belongs to this model.")
+        return module
+    if decoder == "taesd":
+        return _taesd_module(latent_format)
+    raise _fail("decoder", f"expected one of {DECODERS}, got {decoder!r}")
+
+
+def _metric_on(metric, device: torch.device):
+    """The metric with a normal-tensor network on `device` (a cached copy when the given one is not)."""
+    net = metric.net
+    current = next((p.device for p in net.parameters()), device)
+    if not guidance.has_inference_tensors(net) and current == device:
+        return metric
+    return dataclasses.replace(metric, net=guidance.gradient_ready(net, device=device), device=device)
+
+
+def _check_metric(metric):
+    if metric is None or not hasattr(metric, "score") or not hasattr(metric, "net"):
+        raise _fail("metric", "expected an IQA_METRIC from IQAMetricLoader")
+    if not getattr(metric, "differentiable", False):
+        raise _fail("metric", f"metric '{metric.name}' was loaded without gradients; set 'differentiable' "
+                              f"to true on IQAMetricLoader (gradient guidance needs a differentiable metric)")
+    if getattr(metric, "is_full_reference", False):
+        raise _fail("metric", f"metric '{metric.name}' is full-reference; guidance needs a no-reference metric")
+
+
+def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at: float, decoder: str = "vae",
+                       normalization: str = "none", target: str = "raise", max_resolution: int = 0,
+                       chunk_size: int = 4):
+    """The patched clone (used by the node and by tests/benchmarks)."""
+    try:
+        scale = guidance.validate_scale(scale)
+    except ValueError:
+        raise _fail("scale", f"expected a finite number, got {scale!r}") from None
+    for name, value in (("start_at", start_at), ("end_at", end_at)):
+        if not (0.0 <= float(value) <= 1.0):
+            raise _fail(name, f"expected a fraction in [0, 1], got {value!r}")
+    if start_at > end_at:
+        raise _fail("start_at", f"start_at ({start_at}) must not be after end_at ({end_at})")
+    if target not in guidance.TARGETS:
+        raise _fail("target", f"expected one of {guidance.TARGETS}, got {target!r}")
+    if normalization not in guidance.NORMALIZATIONS:
+        raise _fail("normalization", f"expected one of {guidance.NORMALIZATIONS}, got {normalization!r}")
+    if int(max_resolution) < 0:
+        raise _fail("max_resolution", f"expected 0 (no resize) or a positive size, got {max_resolution}")
+    if int(chunk_size) < 1:
+        raise _fail("chunk_size", f"expected >= 1, got {chunk_size}")
+    _check_metric(metric)
+    try:
+        divisor = guidance.score_divisor(normalization, metric.name)
+    except ValueError as error:
+        raise _fail("normalization", str(error)) from None
+    sign = guidance.score_sign(target, bool(metric.lower_better))
+
+    latent_format = _latent_format(model)
+    decoder_module = _decoder_source(decoder, vae, latent_format)
+    patched = model.clone()
+    if scale == 0.0:
+        return patched  # nothing to add: the sampler runs exactly as unguided
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_start = float(model_sampling.percent_to_sigma(start_at))
+    sigma_end = float(model_sampling.percent_to_sigma(end_at))
+    to_vae_latent = _to_vae_latent(latent_format)
+
+    def post_cfg_function(args):
+        denoised = args["denoised"]
+        sigma = args["sigma"]
+        current = float(sigma.reshape(-1)[0])
+        if not (sigma_end <= current <= sigma_start):
+            return denoised
+        if denoised.dim() != 4:
+            raise ValueError(f"{NODE}: expected image latents (B, C, H, W), got shape {tuple(denoised.shape)}")
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        device = denoised.device
+        decode_net = guidance.gradient_ready(decoder_module, device=device, dtype=torch.float32)
+        decode = guidance.latent_decoder(decode_net.decode, to_vae_latent)
+        scorer = _metric_on(metric, device)
+        result = guidance.quality_guided_denoised(
+            denoised, sigma, decode, scorer.score, scale, sign=sign, normalization=normalization,
+            divisor=divisor, max_resolution=int(max_resolution), chunk_size=int(chunk_size))
+        logger.debug("%s sigma %.4f %s %s", NODE, current, metric.name, result.scores.tolist())
+        return result.denoised
+
+    patched.set_model_sampler_post_cfg_function(post_cfg_function)
+    return patched
+
+
+class IQAGradientGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE,
+            display_name="IQA Gradient Guidance",
+            category="IQA-Adapter",
+            description=(
+                "Gradient quality guidance (the paper's first method, our reading): at each sampler step the "
+                "denoised estimate is decoded, scored by a differentiable IQA metric and moved along the "
+                "score's gradient, D' = D + scale·σ²·∇S. Raises the guiding metric; at high scales it makes "
+                "metric-specific adversarial textures and transfers poorly to other metrics."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (a clone is patched)."),
+                io.Vae.Input("vae", tooltip="The model's VAE; its decoder is differentiated when decoder = 'vae'."),
+                io.Custom("IQA_METRIC").Input(
+                    "metric", tooltip="A no-reference IQA metric loaded with differentiable = true."),
+                io.Float.Input("scale", default=1.0, min=-1.0e4, max=1.0e4, step=0.01,
+                               tooltip="Guidance scale s. 0 = off (bit-identical to unguided). Units depend on "
+                                       "the metric unless normalization is 'std' or 'rms'."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where guidance starts (0 = first step)."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where guidance ends (1 = last step)."),
+                io.Combo.Input("decoder", options=list(DECODERS), default="vae",
+                               tooltip="'vae': differentiate the given VAE's decoder (faithful, costly). "
+                                       "'taesd': the cheap TAESD decoder from models/vae_approx."),
+                io.Combo.Input("normalization", options=list(guidance.NORMALIZATIONS), default="none",
+                               tooltip="'none': the faithful form. Pack additions: 'std' divides the score by "
+                                       "the metric's CC3M std; 'rms' steps s·σ·g/rms(g)."),
+                io.Combo.Input("target", options=list(guidance.TARGETS), default="raise",
+                               tooltip="'raise' = better quality for any metric direction; 'lower' = worse."),
+                io.Int.Input("max_resolution", default=0, min=0, max=8192, step=8,
+                             tooltip="Resize the decoded estimate so its longer side is at most this before "
+                                     "scoring (0 = full decoded size)."),
+                io.Int.Input("chunk_size", default=4, min=1, max=64,
+                             tooltip="Images decoded and differentiated at once (memory vs. speed)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with quality guidance applied while sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, metric, scale, start_at, end_at, decoder, normalization, target,
+                max_resolution, chunk_size) -> io.NodeOutput:
+        return io.NodeOutput(build_guided_model(
+            model, vae, metric, scale, start_at, end_at, decoder=decoder, normalization=normalization,
+            target=target, max_resolution=max_resolution, chunk_size=chunk_size))
+
+
+NODES = [IQAGradientGuidance]
