@@ -3,11 +3,14 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import paths
-from . import guidance_nodes
+from . import adapter_nodes, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
 
 NODE_MODULES = [
+    adapter_nodes,
+    reference_nodes,
+    metric_nodes,
     guidance_nodes,
+    sweep_nodes,
 ]
 
 # ComfyUI 0.3.75 never calls ComfyExtension.on_load: register folders when the layer is imported.
