@@ -13,7 +13,12 @@ pyiqa's own code inside `_SafeBuild`, which for the duration of the build:
     metric, the file name and the folder; nothing is ever downloaded;
   * forces `timm.create_model(pretrained=False)` (the metric checkpoint carries the backbone) and
     `torch.load(weights_only=True)`; refuses `torch.jit.load` (TorchScript archives, e.g. ARNIQA's
-    regressor, are code).
+    regressor, are code);
+  * replaces the CLIP loaders (`clip.load`, pyiqa's `clip_model.load` / `afineclip_model.load`), which would
+    download OpenAI's TorchScript file with urllib and `torch.jit.load` it: the same file name (e.g.
+    'ViT-L-14.pt', or 'ViT-L-14.safetensors') is looked up in the folders above plus clip's caches
+    (~/.cache/clip, torch hub dir/clip), read as tensors only, and rebuilt with the module's own
+    `build_model(state_dict)`. OpenAI's TorchScript files are refused with a one-line conversion command.
 The patches are process-wide while a build runs (guarded by a lock) and restored afterwards.
 
 Loaded metrics are cached (module level) by id + device + differentiable + user folders, and the cache
@@ -29,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import torch
 
@@ -39,14 +44,15 @@ SAFE_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 class MissingMetricWeightsError(FileNotFoundError):
-    def __init__(self, metric: str, file_name: str, folders: list[str]):
+    def __init__(self, metric: str, file_name: str, folders: list[str], hint: str = ""):
         self.metric, self.file_name, self.folders = metric, file_name, list(folders)
         first = folders[0] if folders else "models/iqa"
         stem, suffix = os.path.splitext(file_name)
         alternative = f" (or '{stem}.safetensors' with the same tensors)" if suffix in SAFE_WEIGHT_SUFFIXES else ""
         super().__init__(
             f"IQA metric '{metric}' needs the file '{file_name}', which was not found (nothing is "
-            f"downloaded). Put it in {first}{alternative}. Searched: {', '.join(folders)}.")
+            f"downloaded). Put it in {first}{alternative}. Searched: {', '.join(folders)}."
+            + (f" {hint}" if hint else ""))
 
 
 class UnsafeWeightsError(ValueError):
@@ -105,10 +111,14 @@ def search_folders(user_folders: Iterable[str]) -> list[str]:
 
 
 def find_weight_file(file_name: str, folders: list[str]) -> str | None:
-    """`file_name` or the same stem with .safetensors, first folder wins."""
-    stem = os.path.splitext(file_name)[0]
+    """`file_name` or the same stem with .safetensors, first folder wins. pyiqa's own cache keeps the
+    percent-encoded URL name ('sac%2Blogos...'): that spelling is accepted too."""
+    candidates = []
+    for name in dict.fromkeys((file_name, quote(file_name))):
+        stem = os.path.splitext(name)[0]
+        candidates += [name, stem + ".safetensors"]
     for folder in folders:
-        for candidate in (file_name, stem + ".safetensors"):
+        for candidate in candidates:
             path = os.path.join(folder, candidate)
             if os.path.isfile(path):
                 return path
@@ -116,12 +126,153 @@ def find_weight_file(file_name: str, folders: list[str]) -> str | None:
 
 
 def _file_name_of(url_or_path: str) -> str:
-    return os.path.basename(urlparse(url_or_path).path) if "://" in url_or_path else os.path.basename(url_or_path)
+    # URLs are percent-encoded ('sac%2Blogos...'): users see and save the plain name ('sac+logos...')
+    return unquote(os.path.basename(urlparse(url_or_path).path)) if "://" in url_or_path \
+        else os.path.basename(url_or_path)
 
 
 def _signature(path: str) -> tuple[str, float, int]:
     stat = os.stat(path)
     return path, stat.st_mtime, stat.st_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP backbones (laion_aes, clipiqa / clipiqa+, liqe, qualiclip, maclip, clipscore, afine, ...)
+# ----------------------------------------------------------------------------------------------------
+# The CLIP loaders of the `clip` package and of pyiqa (archs/clip_model.py, archs/afineclip_model.py) fetch
+# OpenAI's file with urllib and open it with torch.jit.load (TorchScript: code), falling back to an
+# unrestricted torch.load. Inside a guarded build they are replaced by `_SafeBuild.clip_loader`: the same
+# file name is looked up locally, read as plain tensors, and the CLIP is rebuilt by that module's own
+# `build_model(state_dict)` (which infers the architecture from the tensor shapes).
+
+# Official architectures: CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers). Used to generate
+# random weights (tests) and to warn when a file does not have the official shapes.
+CLIP_ARCHITECTURES: dict[str, dict] = {
+    name: dict(zip(("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
+                    "context_length", "vocab_size", "transformer_width", "transformer_heads",
+                    "transformer_layers"), values))
+    for name, values in {
+        "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
+        "RN101": (512, 224, (3, 4, 23, 3), 64, None, 77, 49408, 512, 8, 12),
+        "RN50x4": (640, 288, (4, 6, 10, 6), 80, None, 77, 49408, 640, 10, 12),
+        "RN50x16": (768, 384, (6, 8, 18, 8), 96, None, 77, 49408, 768, 12, 12),
+        "RN50x64": (1024, 448, (3, 15, 36, 10), 128, None, 77, 49408, 1024, 16, 12),
+        "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+        "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+        "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+        "ViT-L/14@336px": (768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12),
+    }.items()
+}
+
+# Run once, in a trusted environment, next to the official file (or let clip download it there).
+CLIP_CONVERSION_COMMAND = (
+    "python -c \"import clip, safetensors.torch as s; m, _ = clip.load('{name}', device='cpu', jit=False); "
+    "s.save_file(m.state_dict(), '{stem}.safetensors')\"")
+
+# (module, does its load() return (model, preprocess)?, does it always cast to fp32?)
+_CLIP_LOADER_MODULES = {
+    "clip.clip": (True, False),
+    "pyiqa.archs.clip_model": (False, False),
+    "pyiqa.archs.afineclip_model": (True, True),
+}
+
+
+def clip_file_name(clip_name: str) -> str:
+    """The file OpenAI's loader would download for `clip_name`, e.g. 'ViT-L/14' -> 'ViT-L-14.pt'."""
+    _import_clip_package()
+    for module_name in _CLIP_LOADER_MODULES:
+        module = sys.modules.get(module_name)
+        urls = getattr(module, "_MODELS", None) or {}
+        if clip_name in urls:
+            return _file_name_of(urls[clip_name])
+    return os.path.basename(clip_name.replace("/", "-")) + ("" if clip_name.endswith(SAFE_WEIGHT_SUFFIXES) else ".pt")
+
+
+def clip_conversion_hint(clip_name: str, file_name: str) -> str:
+    command = CLIP_CONVERSION_COMMAND.format(name=clip_name, stem=os.path.splitext(file_name)[0])
+    return (f"OpenAI's '{file_name}' is a TorchScript archive (it contains code) and is not loaded; convert it "
+            f"once, in a trusted environment, with: {command}")
+
+
+def clip_cache_dirs(download_root: str | None = None) -> list[str]:
+    """Where the clip package (~/.cache/clip) and pyiqa's copy (torch hub dir/clip) keep their downloads."""
+    folders = [download_root] if download_root else []
+    folders += [os.path.expanduser(os.path.join("~", ".cache", "clip")), os.path.join(torch.hub.get_dir(), "clip")]
+    return [os.path.abspath(f) for f in folders]
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """TorchScript zips carry compiled code (`<root>/code/`) and `constants.pkl`; state-dict zips do not."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(entry.endswith("/constants.pkl") or "/code/" in entry for entry in archive.namelist())
+
+
+def read_clip_state_dict(path: str, clip_name: str, metric: str) -> dict[str, torch.Tensor]:
+    if not path.endswith(".safetensors") and is_torchscript_archive(path):
+        raise UnsafeWeightsError(
+            f"IQA metric '{metric}': '{path}' is a TorchScript archive. "
+            f"{clip_conversion_hint(clip_name, os.path.basename(path))}; put the .safetensors file next to it.")
+    state = unwrap_state_dict(read_state_dict(path), None)
+    # clip's build_model expects the bare CLIP keys; strip a 'model.' / 'state_dict' style wrapper if present
+    if "visual.conv1.weight" not in state and isinstance(state.get("state_dict"), dict):
+        state = unwrap_state_dict(state["state_dict"], None)
+    return dict(state)
+
+
+def _clip_class(module):
+    return module.CLIP if module is not None and hasattr(module, "CLIP") else _import_clip_package().model.CLIP
+
+
+def _import_clip_package():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import clip
+        import clip.model  # noqa: F401
+    return clip
+
+
+def random_clip_model(clip_name: str, seed: int = 0, module=None, **architecture) -> torch.nn.Module:
+    """A CLIP of `clip_name`'s official architecture (fields of CLIP_ARCHITECTURES can be overridden, e.g. a
+    tiny width for tests) with the constructor's seeded random init, fp16 where OpenAI's files are fp16."""
+    if clip_name not in CLIP_ARCHITECTURES and not architecture:
+        raise ValueError(f"no known architecture for CLIP '{clip_name}' (known: {', '.join(CLIP_ARCHITECTURES)})")
+    config = {**CLIP_ARCHITECTURES.get(clip_name, {}), **architecture}
+    clip_class = _clip_class(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = clip_class(**config)
+    convert = getattr(module, "convert_weights", None) or _import_clip_package().model.convert_weights
+    convert(model)
+    return model.eval()
+
+
+def write_random_clip_weights(clip_name: str, folder: str, seed: int = 0, **architecture) -> str:
+    """Random CLIP weights saved as a plain state dict under OpenAI's file name (e.g. 'RN50.pt'); the keys
+    and dtypes of the official files. Returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    model = random_clip_model(clip_name, seed, **architecture)
+    path = os.path.join(folder, clip_file_name(clip_name))
+    torch.save({key: value.contiguous() for key, value in model.state_dict().items()}, path)
+    return path
+
+
+def _official_shape_mismatch(module, clip_name: str, state: dict) -> str | None:
+    """A short description of how `state` differs from the official architecture, or None."""
+    if clip_name not in CLIP_ARCHITECTURES:
+        return None
+    with torch.device("meta"):
+        reference = _clip_class(module)(**CLIP_ARCHITECTURES[clip_name]).state_dict()
+    for key, tensor in reference.items():
+        if key not in state:
+            return f"key '{key}' is missing"
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return f"'{key}' has shape {tuple(state[key].shape)}, official {tuple(tensor.shape)}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,18 +288,35 @@ class _PendingLoad:
     key_filter: Callable[[dict], dict] | None = None
 
 
+@dataclass
+class _ClipLoad:
+    clip_name: str                # e.g. 'ViT-L/14'
+    file_name: str                # e.g. 'ViT-L-14.pt'
+    path: str | None              # None: generated (random / meta), not read from a file
+    model: torch.nn.Module
+
+
 _BUILD_LOCK = threading.RLock()
+_SCRATCH_CACHE_MODULES = ("pyiqa.archs.liqe_arch",)
 
 
 class _SafeBuild:
     """Context for one metric build; see the module docstring."""
 
-    def __init__(self, metric: str, folders: list[str]):
+    def __init__(self, metric: str, folders: list[str], clip_mode: str = "load",
+                 clip_folders: list[str] | None = None):
+        # clip_mode: 'load' (files only), 'random' (a missing CLIP is generated: write_random_weights),
+        # 'plan' (CLIP files are never read, always generated: expected_weight_files)
         self.metric = metric
         self.folders = folders
+        self.clip_mode = clip_mode
+        self.clip_folders = clip_folders
+        self.clip_seed = 0
         self.pending: list[_PendingLoad] = []
+        self.clip_loads: list[_ClipLoad] = []
         self.files_used: list[str] = []
         self._restore: list[tuple[object, str, object]] = []
+        self._scratch = None
 
     # -- replacements ------------------------------------------------------------------------------
     def _resolve(self, url_or_path: str) -> str:
@@ -177,6 +345,53 @@ class _SafeBuild:
         def safe_load(f, map_location=None, *args, weights_only=True, **kwargs):
             return original(f, map_location=map_location, weights_only=True, **kwargs)
         return safe_load
+
+    def _clip_search_folders(self, download_root: str | None) -> list[str]:
+        if self.clip_folders is not None:
+            return list(self.clip_folders)
+        folders = list(self.folders)
+        folders += [f for f in clip_cache_dirs(download_root) if f not in folders]
+        return folders
+
+    def clip_loader(self, module, returns_preprocess: bool, always_float: bool):
+        """Replacement for `module.load(name, device, jit, download_root)`: local file, tensors only."""
+        build = self
+
+        def load(name, device="cpu", jit=False, download_root=None):
+            clip_name = str(name)
+            urls = getattr(module, "_MODELS", {})
+            file_name = _file_name_of(urls[clip_name]) if clip_name in urls else os.path.basename(clip_name)
+            folders = build._clip_search_folders(download_root)
+            path = None if build.clip_mode == "plan" else find_weight_file(file_name, folders)
+            if path is not None:
+                state = read_clip_state_dict(path, clip_name, build.metric)
+                mismatch = _official_shape_mismatch(module, clip_name, state)
+                if mismatch:
+                    import warnings
+                    warnings.warn(f"IQA metric '{build.metric}': '{path}' is not the official CLIP {clip_name} "
+                                  f"({mismatch}); its scores will not match the published metric.")
+                try:
+                    model = module.build_model(state)
+                except (KeyError, RuntimeError, AssertionError, IndexError) as error:
+                    raise ValueError(
+                        f"IQA metric '{build.metric}': '{path}' is not a CLIP state dict that "
+                        f"build_model can read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        f"). Expected the tensors of OpenAI's CLIP {clip_name}.") from error
+                if path not in build.files_used:
+                    build.files_used.append(path)
+            elif build.clip_mode in ("random", "plan"):
+                model = random_clip_model(clip_name, seed=build.clip_seed, module=module)
+            else:
+                raise MissingMetricWeightsError(build.metric, file_name, folders,
+                                                hint=clip_conversion_hint(clip_name, file_name))
+            model = model.to(device)
+            if always_float or str(device) == "cpu":
+                model.float()
+            build.clip_loads.append(_ClipLoad(clip_name, file_name, path, model))
+            if returns_preprocess:
+                return model, module._transform(model.visual.input_resolution)
+            return model
+        return load
 
     def jit_load(self, *args, **kwargs):
         raise UnsafeWeightsError(
@@ -227,10 +442,37 @@ class _SafeBuild:
             for name, original in originals.items():
                 if getattr(module, name, None) is original:
                     self._patch(module, name, replacements[name])
+        # CLIP loaders (see the CLIP section): replace `load` where it is defined and wherever it was imported
+        for loader_module_name, (returns_preprocess, always_float) in _CLIP_LOADER_MODULES.items():
+            loader_module = sys.modules.get(loader_module_name)
+            if loader_module is None or not callable(getattr(loader_module, "load", None)):
+                continue
+            original_load = loader_module.load
+            safe_load = self.clip_loader(loader_module, returns_preprocess, always_float)
+            for module_name, module in list(sys.modules.items()):
+                if module is not None and module_name.split(".")[0] in ("pyiqa", "clip") \
+                        and getattr(module, "load", None) is original_load:
+                    self._patch(module, "load", safe_load)
         for module_name, module in list(sys.modules.items()):
-            # pyiqa's CLIP loaders fetch with urllib in `_download(url, root)`: resolve locally instead
-            if module_name.startswith("pyiqa.archs") and callable(getattr(module, "_download", None)):
+            # CLIP downloads go through urllib in `_download(url, root)`: never reach it (defence in depth,
+            # the loaders above do not call it)
+            if module is not None and module_name.split(".")[0] in ("pyiqa", "clip") \
+                    and callable(getattr(module, "_download", None)):
                 self._patch(module, "_download", lambda url, root=None: self._resolve(url))
+        # LIQE caches text features computed by its CLIP in pyiqa's cache dir and reuses them whatever the
+        # weights: give it a scratch dir (features are recomputed after the weights are loaded, see
+        # `_recompute_derived_features`)
+        import tempfile
+        self._scratch = tempfile.TemporaryDirectory(prefix="iqa-build-")
+        for module_name in _SCRATCH_CACHE_MODULES:
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, "DEFAULT_CACHE_DIR"):
+                self._patch(module, "DEFAULT_CACHE_DIR", self._scratch.name)
+        # ... and computing them during the build is wasted work (LIQE-mix: ~30 s of text encoding on CPU):
+        # a placeholder of the right shape now, the real features once the weights are in
+        liqe_module = sys.modules.get("pyiqa.archs.liqe_arch")
+        if liqe_module is not None and hasattr(liqe_module, "LIQE"):
+            self._patch(liqe_module.LIQE, "get_text_features", _placeholder_text_features)
         self._patch(torch.hub, "load_state_dict_from_url", self.hub_load_state_dict_from_url)
         self._patch(torch.hub, "download_url_to_file", self._refuse_download)
         self._patch(download_util, "download_url_to_file", self._refuse_download)
@@ -266,6 +508,9 @@ class _SafeBuild:
         while self._restore:
             owner, attribute, value = self._restore.pop()
             setattr(owner, attribute, value)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
     def __exit__(self, *exc):
         self._uninstall()
@@ -393,7 +638,8 @@ _CACHE: dict[tuple, tuple[LoadedMetric, list[tuple[str, float, int]]]] = {}
 _CACHE_LOCK = threading.RLock()
 
 
-def _guarded_create(name: str, folders: list[str]):
+def _guarded_create(name: str, folders: list[str], clip_mode: str = "load", clip_folders: list[str] | None = None,
+                    clip_seed: int = 0):
     """pyiqa.create_metric under `_SafeBuild`; returns (model on CPU, the build with its pending loads)."""
     _set_offline_environment()
     import pyiqa
@@ -403,9 +649,24 @@ def _guarded_create(name: str, folders: list[str]):
     arch_type = DEFAULT_CONFIGS[name]["metric_opts"]["type"]
     from pyiqa.archs import _lazy_import_arch  # import the arch module first so its globals can be patched
     _lazy_import_arch(arch_type)
-    with _SafeBuild(name, folders) as build:
+    build = _SafeBuild(name, folders, clip_mode=clip_mode, clip_folders=clip_folders)
+    build.clip_seed = clip_seed
+    with build:
         model = pyiqa.create_metric(name, as_loss=False, device=torch.device("cpu"))
     return model, build
+
+
+def _placeholder_text_features(arch, texts: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(texts.shape[0], arch.clip_model.text_projection.shape[1])
+
+
+def _recompute_derived_features(arch: torch.nn.Module, device: torch.device) -> None:
+    """pyiqa computes LIQE's prompt features while building, i.e. before our deferred weight load (during
+    the build they are placeholders): compute them with the loaded (fine-tuned) CLIP, as pyiqa's own order
+    would have, on the metric's device."""
+    if hasattr(arch, "joint_texts") and callable(getattr(arch, "get_text_features", None)):
+        with torch.no_grad():
+            arch.text_features = arch.get_text_features(arch.joint_texts.to(device))
 
 
 def build_pyiqa_metric(name: str, user_folders: Iterable[str] = (), device: str | torch.device = "cpu"):
@@ -418,6 +679,7 @@ def build_pyiqa_metric(name: str, user_folders: Iterable[str] = (), device: str 
     device = torch.device(device)
     model = model.to(device)
     model.dummy_param = model.dummy_param.to(device)  # pyiqa reads the device from this plain tensor
+    _recompute_derived_features(model.net, device)
     model.eval()
     return model, list(build.files_used)
 
@@ -528,20 +790,32 @@ def score_in_chunks(metric: LoadedMetric, images_bchw: torch.Tensor, ref_bchw: t
 
 def expected_weight_files(name: str, user_folders: Iterable[str] = ()) -> list[str]:
     """File names (pyiqa's default names) the metric's network reads at load time; [] = weight-free.
-    Files read during the build itself (e.g. NIQE's .mat) are only reported when missing, by the error."""
+    CLIP backbones come first, under OpenAI's names (e.g. 'ViT-L-14.pt'; '.safetensors' is accepted too).
+    Other files read during the build itself (e.g. NIQE's .mat) are only reported when missing, by the error."""
     folders = search_folders(user_folders)
-    model, build = _guarded_create(name, folders)
-    return [load.file_name for load in build.needed_loads(model.net)]
+    model, build = _guarded_create(name, folders, clip_mode="plan")
+    clip_files = list(dict.fromkeys(load.file_name for load in build.clip_loads))
+    return clip_files + [load.file_name for load in build.needed_loads(model.net)]
 
 
 def write_random_weights(name: str, folder: str, seed: int = 0, noise: float = 0.0) -> list[str]:
     """Write random weights for `name` into `folder` under pyiqa's default file names, in the layout pyiqa
     expects ('params' wrapper where the arch uses one). For tests and benchmarks: no real weights exist
-    offline. `noise` > 0 perturbs the constructor's init (seeded) so two seeds give different networks."""
+    offline. `noise` > 0 perturbs the constructor's init (seeded) so two seeds give different networks.
+    CLIP backbones: a CLIP file already in `folder` is kept and used (they are large; see
+    `write_random_clip_weights` for small test-sized ones); a missing one is generated with the official
+    architecture. Files pyiqa reads during the build (e.g. clipiqa+'s prompt tensor) are not generated."""
     os.makedirs(folder, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    model, build = _guarded_create(name, search_folders([]))
+    model, build = _guarded_create(name, search_folders([]), clip_mode="random",
+                                   clip_folders=[os.path.abspath(folder)], clip_seed=seed)
     written = []
+    for clip_load in build.clip_loads:
+        if clip_load.path is None:
+            path = os.path.join(folder, clip_load.file_name)
+            state = random_clip_model(clip_load.clip_name, seed).state_dict()
+            torch.save({key: value.contiguous() for key, value in state.items()}, path)
+            written.append(path)
     for load in build.needed_loads(model.net):
         state = {}
         for key, tensor in load.module.state_dict().items():
