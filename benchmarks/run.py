@@ -1,0 +1,167 @@
+"""Run every ratio benchmark, collect their JSON lines, print a pass/fail summary against each goal.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--json-out FILE] [--strict]
+
+Each benchmark is a script printing one JSON object per line (at least name, ratio, baseline_s, variant_s,
+repeats, goal). It runs in its own subprocess; a missing or failing script is reported, not fatal.
+Exit status: 0 when every selected script ran (goal misses are reported in the summary; --strict makes them
+exit 1 too), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import common  # noqa: E402
+
+# (short name, script) in run order
+BENCHMARKS = [
+    ("patch_overhead", "bench_patch_overhead.py"),
+    ("sweep_batching", "bench_sweep.py"),
+    ("scoring", "bench_scoring.py"),
+    ("guidance", "bench_guidance.py"),
+    ("memory", "bench_memory.py"),
+]
+
+# Goals from the issues, used only for result lines that carry no "goal" of their own (name prefix -> goal).
+DEFAULT_GOALS = {
+    "patch_overhead_ksampler": "<= 1.02",
+    "sweep_vs_plain_batch": "<= 1.02",
+    "iqa_score_": "<= 1.05",
+}
+
+
+def with_default_goal(line: dict) -> dict:
+    if not line.get("goal"):
+        for prefix, goal in DEFAULT_GOALS.items():
+            if str(line.get("name", "")).startswith(prefix):
+                line["goal"] = goal
+                line["goal_source"] = "benchmarks/run.py default"
+                break
+    return line
+
+
+def parse_lines(stdout: str) -> tuple[list[dict], list[str]]:
+    results, other = [], []
+    for line in stdout.splitlines():
+        text = line.strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                other.append(line)
+                continue
+            if isinstance(obj, dict) and "name" in obj:
+                results.append(with_default_goal(obj))
+                continue
+        if text:
+            other.append(line)
+    return results, other
+
+
+def verdict(line: dict) -> str:
+    passed = line.get("passed")
+    if passed is None:
+        goal_min, goal_max = line.get("goal_min"), line.get("goal_max")
+        if goal_min is None and goal_max is None and isinstance(line.get("goal"), str):
+            goal_min, goal_max = common.parse_goal(line["goal"])
+        ratio = line.get("ratio")
+        if isinstance(ratio, (int, float)):
+            passed = common.judge(float(ratio), goal_min, goal_max)
+    return {True: "PASS", False: "FAIL", None: "reported (no goal)"}[passed]
+
+
+def run_one(name: str, script: str, quick: bool, timeout: float, python: str) -> dict:
+    path = BENCH_DIR / script
+    record = {"bench": name, "script": script, "lines": [], "status": "ok", "detail": "", "wall_s": 0.0}
+    if not path.exists():
+        record.update(status="missing", detail=f"{script} not found")
+        return record
+    cmd = [python, str(path)] + (["--quick"] if quick else [])
+    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=BENCH_DIR.parent)
+    except subprocess.TimeoutExpired as expired:
+        out = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        record["lines"], _ = parse_lines(out)
+        record.update(status="timeout", detail=f"killed after {timeout:.0f} s", wall_s=time.monotonic() - started)
+        for line in record["lines"]:
+            print(json.dumps(line), flush=True)
+        return record
+    record["wall_s"] = time.monotonic() - started
+    record["lines"], other = parse_lines(done.stdout)
+    for line in record["lines"]:
+        print(json.dumps(line), flush=True)
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-8:]
+        record.update(status="failed", detail=f"exit {done.returncode}: " + " | ".join(tail))
+    elif not record["lines"]:
+        record.update(status="failed", detail="no JSON result lines; output: " + " | ".join(other[-5:]))
+    return record
+
+
+def summary(records: list[dict]) -> tuple[str, bool, bool]:
+    rows, all_ran, all_pass = [], True, True
+    counts: dict[str, int] = {}
+    for record in records:
+        for line in record["lines"]:
+            counts[line.get("name")] = counts.get(line.get("name"), 0) + 1
+    for record in records:
+        if record["status"] != "ok":
+            all_ran = False
+            rows.append((record["bench"], "-", "-", record["status"].upper() + ": " + record["detail"][:160]))
+        for line in record["lines"]:
+            result = verdict(line)
+            all_pass &= result != "FAIL"
+            ratio = line.get("ratio")
+            ratio_text = f"{ratio:.4g}" if isinstance(ratio, (int, float)) else str(ratio)
+            name = str(line.get("name", record["bench"]))
+            if counts.get(line.get("name"), 0) > 1:  # same name, different sizes: show what differs
+                detail = [f"{key}={line[key]}" for key in ("size", "size_px", "num_tokens", "metric") if key in line]
+                name += f" [{', '.join(detail)}]" if detail else ""
+            rows.append((name, ratio_text, str(line.get("goal", "-")), result))
+    widths = [max(len(row[i]) for row in rows + [("name", "ratio", "goal", "result")]) for i in range(3)]
+    text = ["", "=== summary", f"{'name':<{widths[0]}}  {'ratio':>{widths[1]}}  {'goal':<{widths[2]}}  result"]
+    for name, ratio, goal, result in rows:
+        text.append(f"{name:<{widths[0]}}  {ratio:>{widths[1]}}  {goal:<{widths[2]}}  {result}")
+    return "\n".join(text), all_ran, all_pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (passed to every script)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"subset of {[n for n, _ in BENCHMARKS]}")
+    parser.add_argument("--timeout", type=float, help="per script, seconds (default 600 quick, 3600 full)")
+    parser.add_argument("--json-out", help="also write all results (and run info) to this JSON file")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    args = parser.parse_args()
+    known = {name for name, _ in BENCHMARKS}
+    selected = BENCHMARKS
+    if args.only:
+        unknown = [n for n in args.only if n not in known]
+        if unknown:
+            parser.error(f"unknown benchmark(s) {unknown}; choose from {sorted(known)}")
+        selected = [(n, s) for n, s in BENCHMARKS if n in args.only]
+    timeout = args.timeout or (600.0 if args.quick else 3600.0)
+    started = time.monotonic()
+    records = [run_one(name, script, args.quick, timeout, sys.executable) for name, script in selected]
+    text, all_ran, all_pass = summary(records)
+    print(text)
+    total = time.monotonic() - started
+    print(f"total {total:.1f} s ({'quick' if args.quick else 'full'} mode); "
+          + ", ".join(f"{r['bench']} {r['wall_s']:.0f} s" for r in records))
+    if args.json_out:
+        pathlib.Path(args.json_out).write_text(json.dumps(
+            {"mode": "quick" if args.quick else "full", "total_s": total, "records": records}, indent=1))
+    return 0 if all_ran and (all_pass or not args.strict) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
