@@ -55,6 +55,15 @@ class PromptResult:
                 return f"{data.get('node_type')}: {data.get('exception_message', '')}".strip()
         return ""
 
+    def execution_seconds(self) -> float | None:
+        """The server's own start-to-end time of the prompt (ms timestamps of its status messages),
+        free of the client's polling granularity."""
+        stamps = {kind: data.get("timestamp") for kind, data in self.messages if isinstance(data, dict)}
+        end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
+        if stamps.get("execution_start") is None or end is None:
+            return None
+        return (end - stamps["execution_start"]) / 1000.0
+
     def images(self, node_id: str) -> list[dict]:
         return self.outputs.get(str(node_id), {}).get("images", [])
 

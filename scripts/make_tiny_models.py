@@ -20,7 +20,7 @@ import sys
 import time
 
 SEED = 20241201
-GENERATOR_VERSION = "2"  # bump when the generated layout or values change
+GENERATOR_VERSION = "3"  # bump when the generated layout or values change
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 ADAPTER_NAME = "tiny_sd15_iqa_adapter.safetensors"
 
@@ -44,6 +44,7 @@ TINY_UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+TINY_TAESD_INPUT_SCALE = 0.01
 TINY_ADAPTER = {"num_tokens": 2, "input_dim": 2, "projection_kind": "linear"}
 TINY_ADAPTER_DESCRIPTOR = {
     "kind": "score",
@@ -127,6 +128,19 @@ def build_checkpoint(comfy_dir: pathlib.Path):
         probe = unet(torch.randn(2, 4, 16, 16, generator=gen), timesteps=torch.tensor([500.0, 500.0]),
                      context=torch.randn(2, 77, 768, generator=gen))
     sd["model.diffusion_model.out.2.weight"] /= probe.std()
+    # A random eps-predictor does not denoise, so sampled latents end in the hundreds, where TAESD's
+    # tanh input clamp saturates (flat images, no gradient for guidance). Its own input scale brings
+    # them back to the clamp's working range.
+    sd["first_stage_model.vae_scale"] = torch.tensor(TINY_TAESD_INPUT_SCALE)
+    # Centre the random decoder's output on mid-grey with a moderate spread, so images are neither
+    # mostly clipped black nor flat (IQA scores and their gradients then mean something).
+    taesd.load_state_dict({k[len("first_stage_model."):]: v for k, v in sd.items()
+                           if k.startswith("first_stage_model.")})
+    last = f"first_stage_model.taesd_decoder.{len(taesd.taesd_decoder) - 1}"
+    with torch.no_grad():
+        pixels = taesd.taesd_decoder(torch.randn(2, 4, 16, 16, generator=gen) * 2)
+    sd[last + ".weight"] *= 0.25 / pixels.std()
+    sd[last + ".bias"] = torch.full_like(sd[last + ".bias"], 0.5)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     return sd, cross_attention_widths(unet)
 
