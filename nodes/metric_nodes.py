@@ -4,6 +4,8 @@ Weights are looked up, never downloaded: models/iqa (folder_paths "iqa") under p
 (or the same stem + .safetensors), then pyiqa's cache (torch hub dir/pyiqa). Metrics stay loaded in a
 module-level cache across prompts (id + device + differentiable, invalidated when a weight file changes);
 `iqa_models.clear_metric_cache()` frees them, and the cache keeps at most `METRIC_CACHE_SIZE` entries.
+While scoring, each network is handed to the host's model manager (a ModelPatcher), which may offload
+it when another model needs the memory.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
@@ -131,6 +134,18 @@ def image_to_bchw(images: torch.Tensor, node: str, input_name: str) -> torch.Ten
     return images
 
 
+def memory_managed(metric: iqa_models.LoadedMetric) -> comfy.model_patcher.ModelPatcher:
+    """The metric's network as a host ModelPatcher (one per loaded metric, kept on it): the host's model
+    manager loads it beside the other models and may offload it when memory is needed; when the metric
+    leaves the pack's cache, the patcher goes with it."""
+    patcher = getattr(metric, "_host_patcher", None)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(metric.net, load_device=metric.device,
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        object.__setattr__(metric, "_host_patcher", patcher)
+    return patcher
+
+
 def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, reference: torch.Tensor | None,
                  chunk_size: int, node: str = "IQAScore") -> iqa_models.IQAScores:
     """The node's scoring path: IMAGE tensors in, IQAScores out; progress bar + interrupt between chunks."""
@@ -146,6 +161,7 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
             if reference_bchw.shape[0] not in (1, images_bchw.shape[0]):
                 _fail(node, "reference", f"{reference_bchw.shape[0]} reference images for {images_bchw.shape[0]} "
                                          f"images (give 1 or {images_bchw.shape[0]})")
+    comfy.model_management.load_models_gpu([memory_managed(metric) for metric in metrics])
     total = images_bchw.shape[0] * len(metrics)
     bar = comfy.utils.ProgressBar(total)
     result = iqa_models.IQAScores()

@@ -84,13 +84,21 @@ def tiny_checkpoint(comfy, host_dir):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(host_dir):
+def comfy_server(host_dir, pytestconfig):
     """One real ComfyUI server for the whole session, with the pack linked into custom_nodes/."""
     comfy_server_module.ensure_pack_linked(host_dir)
     work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-comfy-"))
     server = ComfyServer(work, host_dir)
     server.start()
-    print(f"\n[comfy_server] ComfyUI at {server.url}, log {server.log_path}")
+    pack_nodes = sorted(name for name, node in server.object_info().items()
+                        if node.get("category", "").startswith("IQA-Adapter"))
+    # straight to the terminal (pytest captures print): CI's log shows the real server and our nodes
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n[comfy_server] real ComfyUI started at {server.url} (log {server.log_path}); "
+                                f"pack nodes in /object_info: {', '.join(pack_nodes) or 'NONE'}")
     yield server
     server.stop()
 
