@@ -27,11 +27,9 @@ frees it; the ComfyUI layer calls that when the host frees memory.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 from urllib.parse import quote, unquote, urlparse

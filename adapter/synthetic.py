@@ -52,6 +52,23 @@ def random_adapter_state_dict(
     return {key: value.to(dtype).contiguous() for key, value in sd.items()}
 
 
+def alive_state_dict(state_dict: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights for any network's state dict that keep it alive: matrices and kernels scaled by
+    fan-in, biases and shifts 0, other 1-D tensors (norm scales) 1; non-float buffers kept."""
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            out[key] = value
+        elif value.ndim >= 2:
+            fan_in = value[0].numel()
+            out[key] = torch.randn(value.shape, generator=generator) / fan_in**0.5
+        elif key.endswith("bias") or key.endswith("shift"):
+            out[key] = torch.zeros(value.shape)
+        else:
+            out[key] = torch.ones(value.shape)
+    return out
+
+
 def nested_bin_layout(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """The `.bin` release layout: {"image_proj": {...}, "ip_adapter": {"<i>.to_k_ip.weight": ...}}."""
     out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}

@@ -18,7 +18,6 @@ One JSON object per line (benchmarks/common.py). Default 128 px, 3 steps, 5 repe
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 
 import common
@@ -29,19 +28,12 @@ def random_full_sd_vae(seed: int = 0):
     import comfy.sd
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
 
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict().items():
-        if "norm" in key and key.endswith("weight"):
-            state[key] = torch.ones_like(value)
-        elif key.endswith("bias"):
-            state[key] = torch.zeros_like(value)
-        else:
-            fan_in = value[0].numel() if value.dim() > 1 else 1
-            state[key] = torch.randn(value.shape, generator=generator) / math.sqrt(fan_in)
+    state = alive_state_dict(AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict(), generator)
     return comfy.sd.VAE(sd=state)
 
 

@@ -70,24 +70,6 @@ def import_host(comfy_dir: pathlib.Path):
     return comfy, openaimodel
 
 
-def alive_init(state_dict, generator):
-    """Fan-in scaled matrices, unit norm scales, zero biases."""
-    import torch
-
-    out = {}
-    for key, value in state_dict.items():
-        if not value.is_floating_point():
-            out[key] = value
-        elif value.ndim >= 2:
-            fan_in = value[0].numel()
-            out[key] = torch.randn(value.shape, generator=generator) / fan_in**0.5
-        elif key.endswith("bias") or key.endswith("shift"):
-            out[key] = torch.zeros(value.shape)
-        else:  # norm scales, vae_scale
-            out[key] = torch.ones(value.shape)
-    return out
-
-
 def cross_attention_widths(unet) -> list[int]:
     """Hidden widths of attn2 in diffusers attn_processors order: input, output, then middle."""
     from comfy.ldm.modules.attention import SpatialTransformer
@@ -105,6 +87,8 @@ def cross_attention_widths(unet) -> list[int]:
 def build_checkpoint(comfy_dir: pathlib.Path):
     import torch
 
+    from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
+
     comfy, openaimodel = import_host(comfy_dir)
     gen = torch.Generator().manual_seed(SEED)
     ops = comfy.ops.disable_weight_init
@@ -117,7 +101,7 @@ def build_checkpoint(comfy_dir: pathlib.Path):
     sd = {}
     for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.transformer.", clip),
                            ("first_stage_model.", taesd)):
-        for key, value in alive_init(module.state_dict(), gen).items():
+        for key, value in alive_state_dict(module.state_dict(), gen).items():
             sd[prefix + key] = value
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     unet.load_state_dict({k[len("model.diffusion_model."):]: v for k, v in sd.items()

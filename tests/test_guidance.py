@@ -10,7 +10,6 @@ server test uses the checkpoint's own VAE.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pathlib
 import re
@@ -19,6 +18,7 @@ import tempfile
 import pytest
 import torch
 from comfyui_iqa_adapter.adapter import guidance
+from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
 
 SIZE = 64
 STEPS = 4
@@ -128,15 +128,7 @@ def random_kl_vae(z_channels=4, ch=32, ch_mult=(1, 2, 2, 2), seed=0):
                 "ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     net = AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
     generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in net.state_dict().items():
-        if "norm" in key and key.endswith("weight"):
-            state[key] = torch.ones_like(value)
-        elif key.endswith("bias"):
-            state[key] = torch.zeros_like(value)
-        else:
-            fan_in = value[0].numel() if value.dim() > 1 else 1
-            state[key] = torch.randn(value.shape, generator=generator) / math.sqrt(fan_in)
+    state = alive_state_dict(net.state_dict(), generator)
     return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": z_channels}})
 
 

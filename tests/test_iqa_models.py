@@ -17,7 +17,6 @@ import torch
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, reference, synthetic  # noqa: E402
-from comfyui_iqa_adapter.adapter.descriptor import descriptor_from_dict  # noqa: E402
 from comfyui_iqa_adapter.models import metrics as catalog  # noqa: E402
 
 CNNIQA_FILE = "CNNIQA_koniq10k-e6f14c91.pth"
