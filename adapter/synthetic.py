@@ -81,3 +81,19 @@ def nested_bin_layout(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 # Hidden widths of the cross-attention layers in diffusers attn_processors order.
 SD15_LAYER_WIDTHS = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]
 SDXL_LAYER_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
+
+# The host's (LDM) UNet configs of full SD1.5 and SDXL, as its model detection produces them: used to
+# build full-depth models (small channels for tests, full size for the FLOP count).
+SD15_UNET_CONFIG = {
+    "image_size": 64, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+    "context_dim": 768, "use_linear_in_transformer": False, "use_spatial_transformer": True,
+    "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False}
+SDXL_UNET_CONFIG = {
+    "image_size": 128, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+    "context_dim": 2048, "use_linear_in_transformer": True, "use_spatial_transformer": True,
+    "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_attention": False,
+    "use_temporal_resblock": False}

@@ -31,17 +31,8 @@ import comfy.cli_args
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 import torch
 
-SD15_FULL = {"image_size": 64, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-                 "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                 "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-                 "context_dim": 768, "use_linear_in_transformer": False, "use_spatial_transformer": True,
-                 "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False}
-SDXL_FULL = {"image_size": 128, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
-                 "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-                 "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
-                 "context_dim": 2048, "use_linear_in_transformer": True, "use_spatial_transformer": True,
-                 "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_attention": False,
-                 "use_temporal_resblock": False}
+from comfyui_iqa_adapter.adapter.synthetic import SD15_UNET_CONFIG as SD15_FULL  # noqa: E402
+from comfyui_iqa_adapter.adapter.synthetic import SDXL_UNET_CONFIG as SDXL_FULL  # noqa: E402
 
 
 def measure(quick: bool):

@@ -19,17 +19,8 @@ TINY_ADAPTER_PATH = "models/iqa_adapter/tiny_sd15_iqa_adapter.safetensors"
 DESCRIPTOR = Descriptor(metrics=("topiq_nr", "laion_aes"), source="test")
 
 # Depth layouts of the host's detected configs (comfy/supported_models.py + model_detection), small channels.
-SD15_SMALL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [2, 2, 2, 2],
-                  "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                  "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-                  "context_dim": 96, "use_linear_in_transformer": False, "use_spatial_transformer": True,
-                  "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False}
-SDXL_SMALL = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [2, 2, 2],
-                  "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-                  "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
-                  "context_dim": 128, "use_linear_in_transformer": True, "use_spatial_transformer": True,
-                  "adm_in_channels": 64, "num_classes": "sequential", "use_temporal_attention": False,
-                  "use_temporal_resblock": False}
+SD15_SMALL = dict(synthetic.SD15_UNET_CONFIG, image_size=32, model_channels=64, context_dim=96)
+SDXL_SMALL = dict(synthetic.SDXL_UNET_CONFIG, image_size=32, model_channels=64, context_dim=128, adm_in_channels=64)
 # SSD-1B-like: SDXL widths, fewer transformer blocks (the released 70-layer mapping does not apply).
 SSD1B_SMALL = dict(SDXL_SMALL, transformer_depth=[0, 0, 2, 2, 4, 4], transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4],
                    transformer_depth_middle=-1)
