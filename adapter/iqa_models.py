@@ -565,6 +565,35 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Scoring size: how a measured score is made comparable with the CC3M statistics
+# ----------------------------------------------------------------------------------------------------
+
+# 'cc3m': the image squashed to 512x512 as the authors made the CC3M statistics (reference README 1.8/8:
+# torchvision `Resize((512, 512))` after `ToTensor`: bilinear with antialiasing, aspect ratio not kept, no
+# crop; then clamped to [0, 1]); percentiles and z-scores of such a score mean what the paper's mean.
+# 'native': the image as it is (the number pyiqa gives on the tensor you have).
+SCORE_SIZES = ("cc3m", "native")
+CC3M_SCORE_SIZE = (512, 512)
+SCORE_SIZE_NOTES = {
+    "cc3m": "squashed to 512x512 (bilinear, antialiased, no crop, clamped to [0, 1]) as the CC3M statistics were made",
+    "native": "at the image's own size (not comparable with the CC3M percentiles)",
+}
+
+
+def resize_for_scoring(images_bchw: torch.Tensor, score_size: str) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> what the metric sees under `score_size` (differentiable)."""
+    if score_size not in SCORE_SIZES:
+        raise ValueError(f"score size must be one of {list(SCORE_SIZES)}, got {score_size!r}")
+    if score_size == "native":
+        return images_bchw
+    if tuple(images_bchw.shape[-2:]) != CC3M_SCORE_SIZE:
+        # = torchvision.transforms.Resize((512, 512)) on a float tensor (bilinear, antialias=True)
+        images_bchw = torch.nn.functional.interpolate(images_bchw, size=CC3M_SCORE_SIZE, mode="bilinear",
+                                                      align_corners=False, antialias=True)
+    return images_bchw.clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # LoadedMetric
 # ----------------------------------------------------------------------------------------------------
 
@@ -732,6 +761,7 @@ class IQAScores:
     scores: dict[str, list[float]] = field(default_factory=dict)
     lower_better: dict[str, bool] = field(default_factory=dict)
     score_range: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    score_size: str = "native"             # SCORE_SIZES: how the images were sized for the metric
 
     def add(self, metric: LoadedMetric, values: list[float]) -> None:
         self.scores[metric.name] = [float(v) for v in values]
@@ -751,10 +781,12 @@ class IQAScores:
         means = [f"{sum(self.scores[n]) / len(self.scores[n]):.6g}".rjust(w) if self.scores[n] else "-".rjust(w)
                  for n, w in zip(names, widths)]
         lines.append(" mean  " + "  ".join(means))
+        lines.append(f"scored {SCORE_SIZE_NOTES.get(self.score_size, self.score_size)}")
         return "\n".join(lines)
 
     def rows(self, **extra) -> list[dict]:
-        return [{**extra, "image": i, "metric": name, "lower_better": self.lower_better[name], "score": value}
+        return [{**extra, "image": i, "metric": name, "lower_better": self.lower_better[name],
+                 "score_size": self.score_size, "score": value}
                 for name, values in self.scores.items() for i, value in enumerate(values)]
 
 
@@ -763,9 +795,12 @@ class IQAScores:
 # ----------------------------------------------------------------------------------------------------
 
 def score_in_chunks(metric: LoadedMetric, images_bchw: torch.Tensor, ref_bchw: torch.Tensor | None = None,
-                    chunk_size: int = 8, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    chunk_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                    score_size: str = "native") -> torch.Tensor:
     """Scores (B,) on CPU, `chunk_size` images per forward; `progress(done, total)` after each chunk
-    (it may raise to interrupt)."""
+    (it may raise to interrupt). `score_size` (SCORE_SIZES) resizes each chunk (and its reference) first."""
+    if score_size not in SCORE_SIZES:
+        raise ValueError(f"score size must be one of {list(SCORE_SIZES)}, got {score_size!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     total = images_bchw.shape[0]
@@ -779,6 +814,8 @@ def score_in_chunks(metric: LoadedMetric, images_bchw: torch.Tensor, ref_bchw: t
         if metric.is_full_reference and ref_bchw is not None:
             ref = ref_bchw.expand(total, *ref_bchw.shape[1:]) if ref_bchw.shape[0] == 1 else ref_bchw
             ref = ref[start:start + chunk_size]
+        chunk = resize_for_scoring(chunk, score_size)
+        ref = resize_for_scoring(ref, score_size) if ref is not None else None
         scores = metric.score(chunk, ref)
         results.append(scores.detach().float().cpu() if not metric.differentiable else scores)
         if progress is not None:

@@ -34,7 +34,7 @@ CC3M_KNOTS = tuple(float(level) for level in cc3m.QUANTILE_LEVELS)
 MAX_SWEEP_STEPS = 256
 
 REPORT_COLUMNS = ("prompt", "seed", "model", "adapter", "index", "image", "target_mode", "swept_metrics",
-                  "target", "target_raw", "metric", "lower_better", "score")
+                  "target", "target_raw", "metric", "lower_better", "score_size", "score")
 
 
 def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile") -> list[float]:
@@ -221,8 +221,9 @@ def summarize(values: Sequence[float], scores: dict[str, Sequence[float]],
 
 def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image_names: Sequence[str],
                 meta: dict | None = None, directions: dict[str, bool] | None = None,
-                per_image_meta: Sequence[dict] | None = None) -> list[dict]:
-    """One row per (image, measured metric); per_image_meta[i] overrides meta for image i (CLI: prompt, seed)."""
+                per_image_meta: Sequence[dict] | None = None, score_sizes: dict[str, str] | None = None) -> list[dict]:
+    """One row per (image, measured metric); per_image_meta[i] overrides meta for image i (CLI: prompt, seed).
+    `score_sizes`: metric -> how its images were sized (iqa_models.SCORE_SIZES; '' when unknown)."""
     meta = meta or {}
     n = len(targets)
     for metric, series in scores.items():
@@ -241,7 +242,8 @@ def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image
                 "adapter": item.get("adapter", ""), "index": i, "image": image_names[i],
                 "target_mode": targets.mode, "swept_metrics": "+".join(swept), "target": float(targets.values[i]),
                 "target_raw": "" if raw_of_first is None else float(raw_of_first), "metric": metric,
-                "lower_better": lower_better(metric, directions), "score": float(series[i]),
+                "lower_better": lower_better(metric, directions),
+                "score_size": (score_sizes or {}).get(metric, ""), "score": float(series[i]),
             })
     return rows
 
@@ -409,20 +411,24 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
                  images: np.ndarray | None, image_names: Sequence[str], meta: dict | None = None,
                  directions: dict[str, bool] | None = None, grid: np.ndarray | None = None,
                  groups: Sequence[str] | None = None, per_image_meta: Sequence[dict] | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 progress: Callable[[str], None] | None = None, score_sizes: dict[str, str] | None = None) -> dict:
     """Write <stem>_grid.png, <stem>_chart.png, <stem>.csv, <stem>.json in out_dir; returns paths, arrays, summary."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    table = build_table(targets, scores, image_names, meta, directions, per_image_meta)
+    score_sizes = {metric: (score_sizes or {}).get(metric, "") for metric in scores}
+    table = build_table(targets, scores, image_names, meta, directions, per_image_meta, score_sizes)
     summary = summarize(targets.values, scores, directions)
     if grid is None and images is not None:
         captions = [caption(targets.values[i], targets.mode, {m: float(s[i]) for m, s in scores.items()})
                     for i in range(len(targets))]
         grid = make_grid(images, captions)
     title_bits = [meta.get("model") or "", meta.get("adapter") or ""]
+    # the CC3M "ideal" line only means something for scores made the way the statistics were (not 'native')
+    ideal = {metric: (None if score_sizes[metric] == "native" else line)
+             for metric, line in ideal_scores(targets, list(scores)).items()}
     chart = plot_score_vs_target(targets.values, scores, targets.mode, targets.swept_metrics, directions,
-                                 ideal_scores(targets, list(scores)), groups,
+                                 ideal, groups,
                                  title=" | ".join(b for b in title_bits if b))
     paths = {"chart": out_dir / f"{stem}_chart.png", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
     save_png(chart, paths["chart"])
@@ -430,7 +436,7 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
         paths["grid"] = out_dir / f"{stem}_grid.png"
         save_png(grid, paths["grid"])
     write_csv(table, paths["csv"])
-    write_json({**meta, "targets": asdict(targets), "summary": summary, "rows": table,
+    write_json({**meta, "targets": asdict(targets), "summary": summary, "score_sizes": score_sizes, "rows": table,
                 "files": {k: p.name for k, p in paths.items()}}, paths["json"])
     if progress:
         progress(f"report written to {out_dir}")

@@ -17,7 +17,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..adapter import guidance
+from ..adapter import guidance, iqa_models
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
@@ -173,8 +173,12 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
         decode_net = guidance.gradient_ready(decoder_module, device=device, dtype=torch.float32)
         decode = guidance.latent_decoder(decode_net.decode, to_vae_latent)
         scorer = _metric_on(metric, device)
+        score = scorer.score
+        if normalization == "std":  # CC3M std units: score as the statistics were made (512x512 squash)
+            def score(images, scorer=scorer):
+                return scorer.score(iqa_models.resize_for_scoring(images, "cc3m"))
         result = guidance.quality_guided_denoised(
-            denoised, sigma, decode, scorer.score, scale, sign=sign, normalization=normalization,
+            denoised, sigma, decode, score, scale, sign=sign, normalization=normalization,
             divisor=divisor, max_resolution=int(max_resolution), chunk_size=int(chunk_size))
         logger.debug("%s sigma %.4f %s %s", NODE, current, metric.name, result.scores.tolist())
         return result.denoised
@@ -212,7 +216,8 @@ class IQAGradientGuidance(io.ComfyNode):
                                        "'taesd': the cheap TAESD decoder from models/vae_approx."),
                 io.Combo.Input("normalization", options=list(guidance.NORMALIZATIONS), default="none",
                                tooltip="'none': the faithful form. Pack additions: 'std' divides the score by "
-                                       "the metric's CC3M std; 'rms' steps s·σ·g/rms(g)."),
+                                       "the metric's CC3M std and scores the decoded image squashed to 512x512, "
+                                       "as the CC3M statistics were made; 'rms' steps s·σ·g/rms(g)."),
                 io.Combo.Input("target", options=list(guidance.TARGETS), default="raise",
                                tooltip="'raise' = better quality for any metric direction; 'lower' = worse."),
                 io.Int.Input("max_resolution", default=0, min=0, max=8192, step=8,

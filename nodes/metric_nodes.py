@@ -147,8 +147,9 @@ def memory_managed(metric: iqa_models.LoadedMetric) -> comfy.model_patcher.Model
 
 
 def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, reference: torch.Tensor | None,
-                 chunk_size: int, node: str = "IQAScore") -> iqa_models.IQAScores:
-    """The node's scoring path: IMAGE tensors in, IQAScores out; progress bar + interrupt between chunks."""
+                 chunk_size: int, node: str = "IQAScore", score_size: str = "cc3m") -> iqa_models.IQAScores:
+    """The node's scoring path: IMAGE tensors in, IQAScores out; progress bar + interrupt between chunks.
+    `score_size` 'cc3m' squashes to 512x512 as the CC3M statistics were made; 'native' keeps the size."""
     images_bchw = image_to_bchw(images, node, "images")
     reference_bchw = image_to_bchw(reference, node, "reference") if reference is not None else None
     for metric in metrics:
@@ -164,7 +165,7 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
     comfy.model_management.load_models_gpu([memory_managed(metric) for metric in metrics])
     total = images_bchw.shape[0] * len(metrics)
     bar = comfy.utils.ProgressBar(total)
-    result = iqa_models.IQAScores()
+    result = iqa_models.IQAScores(score_size=score_size)
     for index, metric in enumerate(metrics):
         offset = index * images_bchw.shape[0]
 
@@ -172,7 +173,8 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(offset + done, total)
         try:
-            values = iqa_models.score_in_chunks(metric, images_bchw, reference_bchw, chunk_size, progress)
+            values = iqa_models.score_in_chunks(metric, images_bchw, reference_bchw, chunk_size, progress,
+                                                score_size=score_size)
         except (ValueError, AssertionError, RuntimeError) as error:
             _fail(node, "images", f"metric '{metric.name}' could not score them: {error}")
         result.add(metric, values.detach().float().cpu().tolist())
@@ -210,6 +212,10 @@ class IQAScore(io.ComfyNode):
                 MetricType.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
                 io.Image.Input("reference", optional=True,
                                tooltip="Reference images for full-reference metrics (same size; 1 or one per image)."),
+                io.Combo.Input("score_size", options=list(iqa_models.SCORE_SIZES), default="cc3m",
+                               tooltip="cc3m: squash each image to 512x512 first, as the authors scored CC3M, so "
+                                       "scores compare with the CC3M percentiles and the paper's numbers. "
+                                       "native: score the image at its own size."),
                 io.Int.Input("chunk_size", default=8, min=1, max=256,
                              tooltip="Images per forward pass (lower = less memory)."),
                 io.Combo.Input("save_rows", options=SAVE_FORMATS, default="none",
@@ -226,8 +232,8 @@ class IQAScore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, metric_2=None, metric_3=None,
-                reference=None) -> io.NodeOutput:
+    def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, score_size="cc3m", metric_2=None,
+                metric_3=None, reference=None) -> io.NodeOutput:
         node = "IQAScore"
         metrics = []
         for input_name, value in (("metric", metric), ("metric_2", metric_2), ("metric_3", metric_3)):
@@ -238,7 +244,9 @@ class IQAScore(io.ComfyNode):
             metrics.append(value)
         if save_rows not in SAVE_FORMATS:
             _fail(node, "save_rows", f"expected one of {SAVE_FORMATS}, got {save_rows!r}")
-        scores = score_images(metrics, images, reference, int(chunk_size), node)
+        if score_size not in iqa_models.SCORE_SIZES:
+            _fail(node, "score_size", f"expected one of {list(iqa_models.SCORE_SIZES)}, got {score_size!r}")
+        scores = score_images(metrics, images, reference, int(chunk_size), node, score_size)
         table = scores.table()
         if save_rows != "none":
             output_dir = os.path.abspath(folder_paths.get_output_directory())

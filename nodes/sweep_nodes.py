@@ -153,7 +153,8 @@ class IQASweepReport(io.ComfyNode):
                 ScoresType.Input("scores", optional=True, tooltip="From IQA Score (one score per image)."),
                 ScoresType.Input("scores_2", optional=True, tooltip="A second metric's scores (optional)."),
                 MetricType.Input("metric", optional=True,
-                                 tooltip="Score the images here with this metric (when no 'scores' are wired)."),
+                                 tooltip="Score the images here with this metric (when no 'scores' are wired); "
+                                         "images are squashed to 512x512 as the CC3M statistics were made."),
                 io.String.Input("filename_prefix", default="iqa_sweep/sweep",
                                 tooltip="Path prefix inside the output folder."),
                 io.String.Input("prompt_text", default="", optional=True, tooltip="The prompt, for the table (optional)."),
@@ -181,10 +182,13 @@ class IQASweepReport(io.ComfyNode):
                                   f"to the sweep's 'count' ({len(targets)})")
         measured: dict[str, list[float]] = {}
         directions: dict[str, bool] = {}
+        sizes: dict[str, str] = {}
         for name, value in (("scores", scores), ("scores_2", scores_2)):
             if value is not None:
-                measured.update(scores_by_metric(value, node, name))
+                by_metric = scores_by_metric(value, node, name)
+                measured.update(by_metric)
                 directions.update(_directions(value))
+                sizes.update({m: str(getattr(value, "score_size", "")) for m in by_metric})
         if metric is not None:
             bar = comfy.utils.ProgressBar(images.shape[0])
 
@@ -192,8 +196,9 @@ class IQASweepReport(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 bar.update_absolute(done, total)
             values = iqa_models.score_in_chunks(metric, images.movedim(-1, 1).float().clamp(0, 1), chunk_size=4,
-                                                progress=progress)
+                                                progress=progress, score_size="cc3m")  # comparable with the targets
             measured[metric.name] = values.detach().float().cpu().tolist()
+            sizes[metric.name] = "cc3m"
             directions[metric.name] = bool(metric.lower_better)
         if not measured:
             _fail(node, "scores", "wire scores from IQA Score, or an IQA metric to score the images here")
@@ -217,7 +222,8 @@ class IQASweepReport(io.ComfyNode):
             image_names.append(name)
         meta = {"prompt": prompt_text or "", "seed": int(sample_seed or 0), "model": model_name or "",
                 "adapter": adapter_name or ""}
-        report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions)
+        report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions,
+                                    score_sizes=sizes)
         text = sweep.summary_text(report["summary"])
         ui_images = [{"filename": report["paths"][k].name, "subfolder": subfolder, "type": "output"}
                      for k in ("grid", "chart")]

@@ -18,7 +18,9 @@ How the nodes of your workflow are found (override with the --*-node options, by
   * images: the first SaveImage node (its images are downloaded through the server's /view);
   * batch size: EmptyLatentImage batch_size is set to 1 (one image per item).
 Scores: --metric names a pyiqa metric scored in this process (adapter/iqa_models: nothing downloaded,
-weights from --metric-dir); or, with --score-node, the IQAScore node of the workflow is read.
+weights from --metric-dir); or, with --score-node, the IQAScore node of the workflow is read. Either way
+images are scored as the CC3M statistics were made (squashed to 512x512; --score-size native to keep the
+size), and the choice is recorded in sweep.csv / sweep.json.
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ def prepare_graph(api: dict, prompt: str, seed: int, target: float, args) -> dic
                 seeded += 1
     if not seeded:
         raise SweepError("no sampler seed input (seed / noise_seed) found in the workflow")
+    for node_id in find_nodes(graph, {"IQAScore"}):
+        graph[node_id]["inputs"]["score_size"] = args.score_size  # the same sizing as --metric
     for node_id in find_nodes(graph, {"EmptyLatentImage", "EmptySD3LatentImage"}):
         if not isinstance(graph[node_id]["inputs"].get("batch_size"), list):
             graph[node_id]["inputs"]["batch_size"] = 1
@@ -126,7 +130,8 @@ class SweepState:
 
 # ------------------------------------------------------------------------------------------- scoring
 
-def load_scorer(name: str, folders: list[str]):
+def load_scorer(name: str, folders: list[str], score_size: str = "cc3m"):
+    """Scores one saved image; `score_size` 'cc3m' squashes it to 512x512 as the CC3M statistics were made."""
     from _pack import load_pack
     load_pack()
     from comfyui_iqa_adapter.adapter import iqa_models
@@ -138,7 +143,8 @@ def load_scorer(name: str, folders: list[str]):
         import torch
         from PIL import Image
         array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-        return float(metric.score(torch.from_numpy(array).permute(2, 0, 1)[None]).reshape(-1)[0])
+        image = iqa_models.resize_for_scoring(torch.from_numpy(array).permute(2, 0, 1)[None], score_size)
+        return float(metric.score(image).reshape(-1)[0])
     return score, bool(metric.lower_better)
 
 
@@ -188,7 +194,8 @@ def run(args) -> int:
     print(f"[sweep] {len(items)} items, {len(items) - len(todo)} already finished, {len(todo)} to run")
     if args.max_items is not None:
         todo = todo[:args.max_items]
-    scorer, lower_better = (load_scorer(args.metric, args.metric_dir) if args.metric else (None, None))
+    scorer, lower_better = (load_scorer(args.metric, args.metric_dir, args.score_size) if args.metric
+                            else (None, None))
 
     server = None
     if todo:
@@ -271,7 +278,8 @@ def write_report(finished: list[dict], out_dir: pathlib.Path, args, lower_better
             "prompts": list(args.prompts), "seeds": list(args.seeds)}
     if scores:
         report = sweep.write_report(out_dir, "sweep", targets, scores, None, [r["image"] for r in finished], meta,
-                                    directions, grid=grid, groups=groups, per_image_meta=per_image)
+                                    directions, grid=grid, groups=groups, per_image_meta=per_image,
+                                    score_sizes={m: args.score_size for m in scores})
         print("[sweep] " + sweep.summary_text(report["summary"]).replace("\n", "\n[sweep] "))
     elif grid is not None:
         sweep.save_png(grid, out_dir / "sweep_grid.png")
@@ -282,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/sd15_quality_target.json)")
-    p.add_argument("--targets", default="1,25,50,75,99", help="target values, comma separated")
+    p.add_argument("--targets", default="1,25,50,75,99",
+                   help="target values, comma separated (default: the paper's CC3M percentiles 1,25,50,75,99)")
     p.add_argument("--mode", default="percentile", choices=["percentile", "zscore", "raw"])
     p.add_argument("--targets-text", help="text for the 'targets' input, '{t}' = the value (default: all metrics)")
     p.add_argument("--prompts", nargs="+", default=["best quality, high quality, a lighthouse on a cliff at sunset"])
@@ -291,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-dir", nargs="*", default=[str(host_dir() / "models" / "iqa")],
                    help="folders with metric weights")
     p.add_argument("--score-node", help="id of an IQAScore node whose table to read instead/as well")
+    p.add_argument("--score-size", default="cc3m", choices=["cc3m", "native"],
+                   help="cc3m (default): score images squashed to 512x512 as the CC3M statistics were made, so "
+                        "scores compare with the targets; native: at the image's own size. Recorded in CSV/JSON.")
     p.add_argument("--url", help="a running ComfyUI server (default: start one)")
     p.add_argument("--out", default=str(ROOT / "output" / "sweep"))
     p.add_argument("--target-node", nargs="*", help="ids of the nodes that take the target")
