@@ -212,7 +212,7 @@ class IQAScore(io.ComfyNode):
                 MetricType.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
                 io.Image.Input("reference", optional=True,
                                tooltip="Reference images for full-reference metrics (same size; 1 or one per image)."),
-                io.Combo.Input("score_size", options=list(iqa_models.SCORE_SIZES), default="cc3m",
+                io.Combo.Input("score_size", options=list(iqa_models.SCORE_SIZES), default="cc3m", optional=True,
                                tooltip="cc3m: squash each image to 512x512 first, as the authors scored CC3M, so "
                                        "scores compare with the CC3M percentiles and the paper's numbers. "
                                        "native: score the image at its own size."),

@@ -52,7 +52,8 @@ def test_score_workflow_equals_pyiqa(comfy_server):
         "1": {"class_type": "LoadImage", "inputs": {"image": name}},
         "2": {"class_type": "IQAMetricLoader", "inputs": {"metric": "piqe", "device": "cpu", "differentiable": False}},
         "3": {"class_type": "IQAScore", "inputs": {"images": ["1", 0], "metric": ["2", 0], "chunk_size": 1,
-                                                  "save_rows": "json", "filename_prefix": prefix}},
+                                                  "save_rows": "json", "filename_prefix": prefix,
+                                                  "score_size": "native"}},
     }
     result = comfy_server.run(prompt, timeout=300)
     assert result.ok, result.error_message()
@@ -62,6 +63,53 @@ def test_score_workflow_equals_pyiqa(comfy_server):
     assert len(rows) == 1 and rows[0]["metric"] == "piqe" and rows[0]["lower_better"] is True
     expected = pyiqa.create_metric("piqe", device="cpu")(torch.from_numpy(pixels).permute(2, 0, 1)[None]).item()
     assert abs(rows[0]["score"] - expected) < 1e-6
+
+
+def test_score_node_scores_as_cc3m_statistics_were_made(comfy_server):
+    """Default sizing: a 1024x768 image is scored as the authors scored CC3M (torchvision Resize((512, 512))
+    after ToTensor, clamped): the node's number equals pyiqa's on that tensor; 'native' gives pyiqa's number on
+    the unresized image, and the JSON rows say which."""
+    import pyiqa
+    from PIL import Image
+    from torchvision import transforms
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:768, 0:1024]
+    pixels = (np.stack([xx / 1024, yy / 768, 0.5 + 0.5 * np.sin(xx / 9.0)], -1) * 200
+              + rng.integers(0, 56, (768, 1024, 3))).astype(np.uint8)  # structure + noise: resizing matters
+    name = f"iqa_score_{uuid.uuid4().hex[:8]}.png"
+    Image.fromarray(pixels).save(comfy_server.input_dir / name)
+    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    prefix = f"iqa_scores_test/{uuid.uuid4().hex[:8]}"
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+              "2": {"class_type": "IQAMetricLoader", "inputs": {"metric": "piqe", "device": "cpu",
+                                                                "differentiable": False}}}
+    for node_id, size in (("3", None), ("4", "native")):
+        inputs = {"images": ["1", 0], "metric": ["2", 0], "chunk_size": 1, "save_rows": "json",
+                  "filename_prefix": prefix}
+        if size:
+            inputs["score_size"] = size
+        prompt[node_id] = {"class_type": "IQAScore", "inputs": inputs}
+    result = comfy_server.run(prompt, timeout=300)
+    assert result.ok, result.error_message()
+    rows = [json.loads(line) for line in (comfy_server.output_dir / f"{prefix}.jsonl").read_text().splitlines()]
+    by_size = {row["score_size"]: row["score"] for row in rows}
+    assert set(by_size) == {"cc3m", "native"}, rows
+    assert "512x512" in result.outputs["3"]["text"][0]
+
+    authors = transforms.Resize(size=(512, 512))(tensor).clamp(0, 1)  # the statistics script's resize
+    ours = iqa_models.resize_for_scoring(tensor, "cc3m")
+    assert torch.equal(ours, authors)
+    piqe = pyiqa.create_metric("piqe", device="cpu")
+    expected = piqe(authors).item()
+    native = piqe(tensor).item()
+    without_antialias = piqe(torch.nn.functional.interpolate(tensor, size=(512, 512), mode="bilinear",
+                                                             align_corners=False).clamp(0, 1)).item()
+    print(f"[cc3m sizing] node {by_size['cc3m']:.9g} pyiqa(Resize 512) {expected:.9g} "
+          f"|diff| {abs(by_size['cc3m'] - expected):.2e}; native {native:.6g}; no antialias {without_antialias:.6g}")
+    assert abs(by_size["cc3m"] - expected) <= 1e-6
+    assert abs(by_size["native"] - native) <= 1e-6
+    assert abs(expected - native) > 1e-3, "the test image must be one where sizing changes the score"
 
 
 def test_score_node_reports_missing_reference(comfy_server):
