@@ -185,7 +185,9 @@ def descriptor_from_catalog(weights_path: str | pathlib.Path, input_dim: int | N
     if input_dim is not None:
         variants = [v for v in variants if v[2] == input_dim] or variants
     use_flag, pos_encode_L, _ = variants[0]
-    how = "exact recipe" if entry.exact else "guessed from the file name"
+    layout = f"{'flag' if use_flag else 'no flag'}{f', L={pos_encode_L} encoding' if pos_encode_L else ''}"
+    how = (f"recipe-matched to the authors' training script, {layout}" if entry.recipe
+           else f"recipe-matched by file name (a guess), {layout}")
     return Descriptor(
         kind="score", metrics=entry.metrics, normalization="zscore", use_flag=use_flag, pos_encode_L=pos_encode_L,
         name=entry.name, source=f"built-in catalog: {entry.name} ({how})",

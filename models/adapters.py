@@ -10,10 +10,12 @@ How a file is matched (a documented GUESS; a sidecar `<stem>.json` next to the w
 - entries whose input size cannot match the weights are dropped (see `input_dim_variants`);
 - the entry with the most matched tokens (required + `optional`) wins; a tie is no match.
 
-The flag and positional encoding are not stored in the weights. Only one recipe is known exactly
-(topiq_nr + laion_aes, linear, N = 2, z-scored, no flag, no encoding, D_in 2). For the others we try,
-in this order: no flag, flag, no flag + L=10 encoding, flag + L=10 encoding, and take the first whose
-input size equals the weights' D_in (n, n+1, 21n, 21(n+1)).
+Every entry is *recipe-matched*, never exact: no released file is known to us. The flag and positional
+encoding are not stored in the weights. One entry matches the only training recipe in the authors'
+repository (topiq_nr + laion_aes, linear, N = 2, z-scored, no flag, no encoding: D_in 2); their inference
+wrappers default to `input_dim=3` (a flag), so that entry also accepts the flag variant (D_in 3). For the
+others we try, in this order: no flag, flag, no flag + L=10 encoding, flag + L=10 encoding, and take the
+first whose input size equals the weights' D_in (n, n+1, 21n, 21(n+1)).
 """
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ class CatalogEntry:
     optional: tuple[Token, ...] = ()  # tokens that only make the match more specific
     use_flag: bool = False
     pos_encode_L: int = 0
-    exact: bool = False  # True only for the recipe found in the authors' repository
+    recipe: bool = False  # True only for the training recipe found in the authors' repository
 
     def input_dim_variants(self) -> list[tuple[bool, int, int]]:
         """(use_flag, pos_encode_L, input_dim) layouts to try, the entry's own first."""
         n = len(self.metrics)
         variants = [(self.use_flag, self.pos_encode_L)]
-        if not self.exact:
+        if self.recipe:  # the recipe (no flag), or the flag the authors' inference wrappers default to
+            variants += [(not self.use_flag, self.pos_encode_L)]
+        else:
             variants += [(False, 0), (True, 0), (False, 10), (True, 10)]
         out: list[tuple[bool, int, int]] = []
         for flag, L in variants:
@@ -57,7 +61,7 @@ MULTI = _t("4x", "x4", "3x", "x3", "2x", "x2", "multi", "all")
 
 # Order = the heatmap's rows (best mean gain first).
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry("TOPIQ + LAION-AES", ("topiq_nr", "laion_aes"), (TOPIQ, LAION), (_t("aes"), _t("koniq")), exact=True),
+    CatalogEntry("TOPIQ + LAION-AES", ("topiq_nr", "laion_aes"), (TOPIQ, LAION), (_t("aes"), _t("koniq")), recipe=True),
     CatalogEntry("4xTOPIQ (multi-dataset)", ("topiq_nr", "topiq_nr-spaq", "topiq_nr-flive", "topiq_iaa"),
                  (TOPIQ, MULTI), (_t("koniq"), _t("spaq"), _t("flive"), _t("ava", "iaa"))),
     CatalogEntry("TOPIQ (KonIQ)", ("topiq_nr",), (TOPIQ,), (_t("koniq"),)),

@@ -257,7 +257,15 @@ def test_catalog_match_by_file_name(tmp_path):
     path = save_st(tmp_path / "IQA-Adapter_TOPIQ_LAION-AES.safetensors", small_dict(input_dim=2), None)
     adapter = checkpoint.load_adapter(path)
     assert adapter.descriptor.metrics == ("topiq_nr", "laion_aes") and not adapter.descriptor.use_flag
-    assert "exact recipe" in adapter.descriptor.source
+    assert "recipe-matched to the authors' training script" in adapter.descriptor.source
+    assert "exact" not in adapter.descriptor.source
+    # the authors' inference wrappers default to input_dim=3: the same entry takes the flag variant
+    path = save_st(tmp_path / "iqa_adapter_topiq_laion_aes_flag.safetensors", small_dict(input_dim=3), None)
+    d = checkpoint.load_adapter(path).descriptor
+    assert d.metrics == ("topiq_nr", "laion_aes") and d.use_flag and d.pos_encode_L == 0 and d.input_dim == 3
+    assert "recipe-matched" in d.source and "flag" in d.source
+    path = save_st(tmp_path / "iqa_adapter_topiq_laion_aes_big.safetensors", small_dict(input_dim=42), None)
+    assert checkpoint.load_adapter(path).descriptor.name != "TOPIQ + LAION-AES"  # neither 2 nor 3 inputs
     # The input size decides flag / encoding for a single-metric adapter (documented guess).
     path = save_st(tmp_path / "hyperiqa_adapter.safetensors", small_dict(input_dim=2), None)
     d = checkpoint.load_adapter(path).descriptor
@@ -276,6 +284,8 @@ def test_catalog_specificity():
         entry, tied = catalog.match_catalog(name)
         assert entry is not None and entry.name == expected, (name, entry, tied)
     assert len(catalog.CATALOG) == 26
+    assert [e.name for e in catalog.CATALOG if e.recipe] == ["TOPIQ + LAION-AES"]
+    assert [dim for _, _, dim in catalog.entry_by_name("TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
     assert catalog.match_catalog("my_adapter.safetensors") == (None, [])
 
 
