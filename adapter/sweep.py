@@ -26,10 +26,13 @@ from ..models import stats as cc3m
 from ..models.metrics import metric_info
 from . import quality
 
-# linear: evenly spaced values; quantile-knots: the CC3M quantile levels inside [from, to] (exact
-# statistics, percentile mode only; 'steps' ignored); normal: evenly spaced in z = Phi^-1(p/100), i.e.
-# denser towards the tails where percentiles move the raw score most (percentile mode; else linear).
-SPACINGS = ("linear", "quantile-knots", "normal")
+# linear: evenly spaced values (the default: 8 targets from 1 to 99); quantile-knots: the CC3M quantile
+# levels inside [from, to] (exact statistics, percentile mode only; 'steps' ignored); normal: evenly spaced
+# in z = Phi^-1(p/100), i.e. denser towards the tails where percentiles move the raw score most (percentile
+# mode; else linear); paper: the paper's five targets, CC3M percentiles 1/25/50/75/99 (reference README 3.3;
+# percentile mode; from/to/steps ignored).
+SPACINGS = ("linear", "quantile-knots", "normal", "paper")
+PAPER_PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
 CC3M_KNOTS = tuple(float(level) for level in cc3m.QUANTILE_LEVELS)
 MAX_SWEEP_STEPS = 256
 
@@ -53,6 +56,11 @@ def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear",
         for name, value in (("from", start), ("to", stop)):
             if not 0.0 < value < 100.0:
                 raise ValueError(f"percentile '{name}' must be strictly between 0 and 100, got {value:g}")
+    if spacing == "paper":
+        if mode != "percentile":
+            raise ValueError("spacing 'paper' needs mode 'percentile' (the paper's targets are CC3M percentiles "
+                             "1, 25, 50, 75, 99)")
+        return list(PAPER_PERCENTILES)
     if spacing == "quantile-knots":
         if mode != "percentile":
             raise ValueError("spacing 'quantile-knots' needs mode 'percentile' (the knots are CC3M percentiles)")

@@ -35,6 +35,10 @@ def test_spacings():
         sweep.sweep_values(1, 99, 4, "cubic")
     with pytest.raises(ValueError, match="percentile"):
         sweep.sweep_values(-1, 1, 4, "quantile-knots", mode="zscore")
+    # the paper's five targets (reference README 3.3), whatever from/to/steps say
+    assert sweep.sweep_values(10, 20, 3, "paper") == [1, 25, 50, 75, 99]
+    with pytest.raises(ValueError, match="percentile"):
+        sweep.sweep_values(-1, 1, 4, "paper", mode="zscore")
 
 
 def test_sweep_rows_hold_and_raw():
@@ -103,7 +107,9 @@ def sweep_graph(steps=8, metric="piqe", prefix="iqa_sweep/test"):
                                                                "differentiable": False}},
         "score": {"class_type": "IQAScore", "inputs": {"images": ["decode", 0], "metric": ["metric", 0],
                                                        "chunk_size": 8, "save_rows": "none",
-                                                       "filename_prefix": "iqa_scores/scores"}},
+                                                       "filename_prefix": "iqa_scores/scores",
+                                                       # 64 px test images: 512 px squashes are flat for piqe
+                                                       "score_size": "native"}},
         "report": {"class_type": "IQASweepReport", "inputs": {
             "images": ["decode", 0], "targets": ["sweep", 1], "scores": ["score", 0], "filename_prefix": prefix,
             "prompt_text": "a lighthouse", "sample_seed": 7, "model_name": TINY_CHECKPOINT, "adapter_name": TINY_ADAPTER}},
@@ -136,6 +142,22 @@ def test_one_sampler_run_renders_the_whole_sweep(comfy_server):
     assert first_last > 0.5, f"targets 1 and 99 gave (nearly) the same image: mean |diff| {first_last}"
     assert len({im.tobytes() for im in images}) == 8
     assert "Spearman rho" in result.outputs["report"]["text"][0]
+
+
+def test_paper_preset_through_the_server_records_score_size(comfy_server):
+    """spacing 'paper' renders the paper's five targets in one run; the report says how images were scored
+    (IQA Score's default: squashed to 512x512 as the CC3M statistics were made)."""
+    graph = sweep_graph(prefix="iqa_sweep/paper")
+    graph["sweep"]["inputs"]["spacing"] = "paper"
+    del graph["score"]["inputs"]["score_size"]  # the default
+    result = comfy_server.run(graph, timeout=900)
+    assert result.ok, f"{result.error_message()}\n{comfy_server.log_tail(30)}"
+    files = json.loads(result.outputs["report"]["report"][0])["files"]
+    data = json.loads((comfy_server.output_dir / files["json"]).read_text())
+    assert [r["target"] for r in data["rows"]] == [1, 25, 50, 75, 99]
+    assert {r["score_size"] for r in data["rows"]} == {"cc3m"} and data["score_sizes"] == {"piqe": "cc3m"}
+    with open(comfy_server.output_dir / files["csv"]) as handle:
+        assert {row["score_size"] for row in csv.DictReader(handle)} == {"cc3m"}
 
 
 def test_report_rejects_wrong_batch(comfy_server):
