@@ -108,8 +108,9 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
                                tooltip="percentile: CC3M percentile in (0, 100); zscore: normalised value; "
                                        "raw: the metric's own units."),
                 io.Float.Input("negative_scale", default=0.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="0: unconditional tokens = projection(0) (default). k > 0: projection(-k * v), "
-                                       "negative quality guidance (pushes scores, may over-stylise)."),
+                               tooltip="0: off (the authors' default; unconditional tokens = projection(0)). "
+                                       "k > 0: negative quality guidance, projection(-k * v); 0.5 is the authors' "
+                                       "value when it is on (pushes scores, may over-stylise)."),
             ],
             outputs=[QualityTokensType.Output(display_name="tokens")],
         )
@@ -162,7 +163,8 @@ class IQAAdapterApply(io.ComfyNode):
                 IQAAdapterType.Input("adapter"),
                 QualityTokensType.Input("tokens", tooltip="1 target for every image, or one per latent in the batch."),
                 io.Float.Input("weight", default=1.0, min=-2.0, max=5.0, step=0.05,
-                               tooltip="Adapter scale (lambda). 1 = as trained; 0 = no effect."),
+                               tooltip="Adapter scale (lambda). 1.0 = as trained and the authors' default "
+                                       "(with 30 steps, CFG 7.5 on SD1.5, 5.0 on SDXL); 0 = no effect."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the adapter starts acting."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,

@@ -67,8 +67,9 @@ class IQATargetSweep(io.ComfyNode):
                                         "(p50 / z 0 / raw median), a number (in 'mode' units), or 'same' = the "
                                         "swept value."),
                 io.Float.Input("negative_scale", default=0.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="0: unconditional tokens = projection(0). k > 0: negative quality "
-                                       "guidance projection(-k * v)."),
+                               tooltip="0: off (the authors' default; unconditional tokens = projection(0)). "
+                                       "k > 0: negative quality guidance projection(-k * v); 0.5 is the "
+                                       "authors' value when it is on."),
             ],
             outputs=[
                 QualityTokensType.Output(display_name="tokens"),
