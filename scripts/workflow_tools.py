@@ -283,13 +283,18 @@ SLOT_ROW = 20         # LiteGraph.NODE_SLOT_HEIGHT: one input/output socket row
 WIDGET_ROW = 24       # LiteGraph.NODE_WIDGET_HEIGHT + 4 px spacing
 MULTILINE_EXTRA = 90  # a multiline text box beyond its one widget row
 NODE_PADDING = 16     # below the last row
-COLUMN_GAP = 60
+COLUMN_GAP = 50
 ROW_GAP = 40          # between a node's bottom and the next node's title bar
 MARGIN = 20
-# The default view shows the whole graph in an 1800x1000 window, in the area left free by the sidebar,
-# top bar, run button and minimap, at no smaller zoom than where the frontend stops drawing text (~0.57).
-VIEW_AREA = (80, 140, 1680, 600)  # x, y, width, height in screen pixels
+GROUP_PAD = 10        # a group's frame around its nodes
+GROUP_HEADER = 44     # a group's title strip above its first node's title bar
+GROUP_COLORS = {"Models": "#3f789e", "Quality target": "#8A8", "Prompt": "#a1309b", "Sample": "#b58b2a",
+                "Score": "#88A", "Images": "#3f789e"}
+# The default view shows the whole graph in a 1366x768 window (a laptop), in the area left free by the
+# sidebar, top bar and run button, at no smaller zoom than where the frontend stops drawing text (~0.57).
+VIEW_AREA = (70, 110, 1260, 580)  # x, y, width, height in screen pixels
 VIEW_SCALE = (0.6, 0.8)
+WINDOW = (1366, 768)
 
 
 def node_height(sockets: int, widget_rows: int, multiline: int) -> int:
@@ -326,7 +331,8 @@ class GraphBuilder:
     """Builds a UI workflow with widget order, extra widget values and output types from /object_info.
 
     Nodes are placed in columns (data flows left to right) and stacked in the order they are added;
-    layout() turns the column assignment and each node's estimated size into positions."""
+    layout() turns the column assignment and each node's estimated size into positions. Nodes may belong
+    to a named group (a frame with a title: Models / Quality target / Prompt / Sample / Score)."""
 
     def __init__(self, object_info: dict):
         self.info = object_info
@@ -334,17 +340,24 @@ class GraphBuilder:
         self.links: list[list] = []
         self._by_id: dict[int, dict] = {}
         self._column: dict[int, int] = {}
+        self._group: dict[int, str | None] = {}
+        self.models: list[dict] = []
 
-    def add(self, kind: str, column: int, widgets: dict | None = None, links: dict | None = None,
-            title: str | None = None, size=None, color: str | None = None) -> int:
-        """Add a node to `column` (0 = leftmost), below the nodes added there before. `size` is a minimum:
-        the width is widened to the column's, the height raised to what the node's rows need."""
+    def add(self, kind: str, column: int | None, widgets: dict | None = None, links: dict | None = None,
+            title: str | None = None, size=None, color: str | None = None, group: str | None = None,
+            models: list[dict] | None = None) -> int:
+        """Add a node to `column` (0 = leftmost; None = the shortest column, for notes), below the nodes
+        added there before. `size` is a minimum:
+        the width is widened to the column's, the height raised to what the node's rows need. `models`:
+        download metadata of the files the node's widgets name ({name, url, directory}), which the
+        frontend's missing-models dialog offers."""
         node_id = len(self.nodes) + 1
         widgets = dict(widgets or {})
         links = dict(links or {})
-        node = {"id": node_id, "type": kind, "pos": [0, 0], "size": list(size or [320, 60]), "flags": {},
+        node = {"id": node_id, "type": kind, "pos": [0, 0], "size": list(size or [300, 60]), "flags": {},
                 "order": node_id - 1, "mode": 0, "inputs": [], "outputs": [], "properties": {}}
         self._column[node_id] = column
+        self._group[node_id] = group
         if kind in FRONTEND_ONLY:
             node["widgets_values"] = [widgets["text"]]
             node["title"] = title or "Note"
@@ -354,6 +367,9 @@ class GraphBuilder:
             return node_id
         info = self.info[kind]
         node["properties"] = {"Node name for S&R": kind}
+        if models:
+            node["properties"]["models"] = [dict(m) for m in models]
+            self.models += [dict(m) for m in models if m not in self.models]
         unknown = set(widgets) | set(links)
         values = []
         for name, spec, _ in _input_specs(info):
@@ -406,24 +422,52 @@ class GraphBuilder:
 
     def layout(self) -> None:
         """Columns left to right, each as wide as its widest node (notes excepted: they take the column's
-        width and the height their text needs), nodes stacked top-down ROW_GAP apart."""
+        width and the height their text needs), nodes stacked top-down ROW_GAP apart; a node that starts
+        a group leaves room for the group's title strip above it."""
+        auto = [n for n in self.nodes if self._column[n["id"]] is None]  # notes: the shortest column
+        for note in auto:
+            heights = {}
+            for node in self.nodes:
+                column = self._column[node["id"]]
+                if column is not None:
+                    heights[column] = heights.get(column, 0) + node["size"][1] + TITLE_HEIGHT + ROW_GAP
+            self._column[note["id"]] = min(sorted(heights), key=lambda c: heights[c])
         x = MARGIN
         for column in sorted(set(self._column.values())):
             members = [n for n in self.nodes if self._column[n["id"]] == column]
             widths = [n["size"][0] for n in members if n["type"] not in FRONTEND_ONLY]
             width = max(widths or [n["size"][0] for n in members])
-            y = MARGIN + TITLE_HEIGHT
-            for node in members:
+            y = MARGIN + GROUP_HEADER + TITLE_HEIGHT
+            previous = None
+            for index, node in enumerate(members):
+                group = self._group[node["id"]]
+                if index and group != previous:
+                    y += GROUP_HEADER + 2 * GROUP_PAD
                 node["size"][0] = width
                 if node["type"] in FRONTEND_ONLY:
                     node["size"][1] = max(node["size"][1], note_height(node["widgets_values"][0], width))
                 node["pos"] = [x, y]
                 y += node["size"][1] + ROW_GAP + TITLE_HEIGHT
+                previous = group
             x += width + COLUMN_GAP
 
-    def default_view(self) -> dict:
+    def groups(self) -> list[dict]:
+        """One frame per group around its nodes (title strip above); frames never overlap (see layout)."""
+        out = []
+        names = list(dict.fromkeys(g for g in self._group.values() if g))
+        for index, name in enumerate(names):
+            boxes = [rectangle(n) for n in self.nodes if self._group[n["id"]] == name]
+            left, top = min(b[0] for b in boxes) - GROUP_PAD, min(b[1] for b in boxes) - GROUP_HEADER
+            right, bottom = max(b[2] for b in boxes) + GROUP_PAD, max(b[3] for b in boxes) + GROUP_PAD
+            out.append({"id": index + 1, "title": name, "bounding": [left, top, right - left, bottom - top],
+                        "color": GROUP_COLORS.get(name, "#3f789e"), "font_size": 22, "flags": {}})
+        return out
+
+    def default_view(self, groups: list[dict]) -> dict:
         """extra.ds: scale and offset that show the whole graph (LiteGraph: screen = (graph + offset) * scale)."""
         boxes = [rectangle(n) for n in self.nodes]
+        boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                   g["bounding"][1] + g["bounding"][3]) for g in groups]
         left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
         width, height = max(b[2] for b in boxes) - left, max(b[3] for b in boxes) - top
         view_x, view_y, view_w, view_h = VIEW_AREA
@@ -431,153 +475,256 @@ class GraphBuilder:
         scale = round(min(max(scale, VIEW_SCALE[0]), VIEW_SCALE[1]), 3)
         return {"scale": scale, "offset": [round(view_x / scale - left, 1), round(view_y / scale - top, 1)]}
 
-    def workflow(self) -> dict:
+    def workflow(self, slug: str) -> dict:
         self.layout()
         for node in self.nodes:
             for output in node["outputs"]:
                 if not output["links"]:
                     output["links"] = None
-        return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
-                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {"ds": self.default_view()},
-                "version": 0.4}
+        groups = self.groups()
+        workflow = {"id": workflow_id(slug), "revision": 0,
+                    "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                    "links": self.links, "groups": groups, "config": {},
+                    "extra": {"ds": self.default_view(groups), EXAMPLE_KEY: slug}, "version": 0.4}
+        if self.models:
+            workflow["models"] = self.models
+        return workflow
+
+
+# --------------------------------------------------------------------------------------------------
+# The examples
+# --------------------------------------------------------------------------------------------------
+
+# API twin name (stable, for scripts) -> UI file name. The template browser titles a custom node's
+# template with its file name, so the UI files are named for people.
+EXAMPLES = {
+    "sdxl_quality_target": "SDXL image at a chosen quality",
+    "sd15_quality_target": "SD1.5 image at a chosen quality",
+    "degradation_sweep": "Quality sweep from worst to best (SDXL)",
+    "reference_transfer": "Quality of a reference image, img2img (SDXL)",
+    "gradient_guidance": "Quality guidance from a metric gradient (SDXL)",
+    "score_images": "Score your images with a quality metric",
+}
+EXAMPLE_KEY = "iqa_adapter_example"  # extra.<key> = the API twin's name, in every UI file
+
+
+def workflow_id(slug: str) -> str:
+    """A stable, unique workflow id per example."""
+    import uuid
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-iqa-adapter/examples/{slug}"))
+
+
+def ui_path(slug: str, ui_dir: pathlib.Path = UI_DIR) -> pathlib.Path:
+    return ui_dir / f"{EXAMPLES[slug]}.json"
+
+
+def api_path(slug: str, api_dir: pathlib.Path = API_DIR) -> pathlib.Path:
+    return api_dir / f"{slug}.json"
+
+
+def thumbnail_path(slug: str, ui_dir: pathlib.Path = UI_DIR) -> pathlib.Path:
+    return ui_dir / f"{EXAMPLES[slug]}.jpg"  # the frontend asks for <template>.jpg
+
+
+def slug_of(ui: dict) -> str:
+    return ui.get("extra", {}).get(EXAMPLE_KEY, "")
 
 
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
-SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+CHECKPOINT_MODELS = {
+    SDXL_CKPT: {"name": SDXL_CKPT, "directory": "checkpoints",
+                "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"},
+    SD15_CKPT: {"name": SD15_CKPT, "directory": "checkpoints",
+                "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"},
+}
 SDXL_ADAPTER = "iqa_adapter_sdxl_topiq_nr_laion_aes.safetensors"
 SDXL_REF_ADAPTER = "iqa_adapter_sdxl_reference.safetensors"
 SD15_ADAPTER = "iqa_adapter_sd15_topiq_nr_laion_aes.safetensors"
+# The authors' prompt when none is given is "best quality, high quality"; the examples prefix it to a subject.
 PROMPT = "best quality, high quality, a lighthouse on a cliff at sunset"
-SD15_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+SD15_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"  # the authors' SD1.5 negative
+STEPS, SDXL_CFG, SD15_CFG = 30, 5.0, 7.5  # the authors' defaults (adapter weight 1.0)
+
+WHERE_ADAPTERS = ("Adapters: the authors' SDXL adapters are linked from github.com/X1716/IQA-Adapter (a Google "
+                  "Drive folder); put them in models/iqa_adapter. Metric weights go in models/iqa. Nothing is "
+                  "downloaded; missing base models are offered for download when the workflow opens.")
+SDXL_DEFAULTS = ("Authors' settings: 30 steps, CFG 5.0, weight 1.0, no negative prompt (SDXL then uses zeros: "
+                 "Conditioning Zero Out). Their prompt when none is given is 'best quality, high quality'; here "
+                 "it leads the subject.")
+SCORE_NOTE = ("IQA Score squashes images to 512x512 as the CC3M statistics were made, so a score compares "
+              "with the target percentile.")
 
 
-def _text_to_image(b: GraphBuilder, ckpt: str, adapter: str, size: int, steps: int, cfg: float, negative: str,
-                   batch: int = 1, tokens_from=None, adapter_id=None):
-    """Checkpoint and adapter loaders (column 0), prompts (column 1); returns node ids."""
-    c = b.add("CheckpointLoaderSimple", 0, {"ckpt_name": ckpt}, size=[340, 100])
-    pos = b.add("CLIPTextEncode", 1, {"text": PROMPT}, {"clip": (c, 1)}, title="Positive prompt", size=[360, 150])
-    neg = b.add("CLIPTextEncode", 1, {"text": negative}, {"clip": (c, 1)}, title="Negative prompt", size=[360, 150])
-    a = adapter_id or b.add("IQAAdapterLoader", 0, {"adapter_name": adapter}, size=[340, 60])
-    return c, pos, neg, a
+def _checkpoint(b: GraphBuilder, ckpt: str) -> int:
+    return b.add("CheckpointLoaderSimple", 0, {"ckpt_name": ckpt}, size=[300, 100], group="Models",
+                 models=[CHECKPOINT_MODELS[ckpt]])
 
 
-def _sampler(b: GraphBuilder, model, pos, neg, latent, steps, cfg, seed=42, column=3, title=None):
-    return b.add("KSampler", column, {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-                                     "scheduler": "normal", "denoise": 1.0},
+def _prompts(b: GraphBuilder, ckpt_id: int, column: int, sdxl: bool, text: str = PROMPT):
+    """Positive prompt, and the negative: SDXL = zeroed conditioning (the authors pass no negative and SDXL
+    base zeroes empty prompts, text and pooled); SD1.5 = the authors' negative prompt."""
+    pos = b.add("CLIPTextEncode", column, {"text": text}, {"clip": (ckpt_id, 1)}, title="Positive prompt",
+                size=[320, 130], group="Prompt")
+    if sdxl:
+        neg = b.add("ConditioningZeroOut", column, {}, {"conditioning": (pos, 0)},
+                    title="Negative: zeros (SDXL, as the authors)", size=[320, 50], group="Prompt")
+    else:
+        neg = b.add("CLIPTextEncode", column, {"text": SD15_NEGATIVE}, {"clip": (ckpt_id, 1)},
+                    title="Negative prompt (the authors')", size=[320, 130], group="Prompt")
+    return pos, neg
+
+
+def _sampler(b: GraphBuilder, model, pos, neg, latent, cfg, column, seed=42, title=None, denoise=1.0):
+    return b.add("KSampler", column, {"seed": seed, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
+                                      "scheduler": "normal", "denoise": denoise},
                  {"model": model, "positive": (pos, 0), "negative": (neg, 0), "latent_image": (latent, 0)},
-                 title=title, size=[300, 260])
+                 title=title, size=[280, 260], group="Sample")
+
+
+def _score(b: GraphBuilder, images, column: int, metrics: list[tuple[int, int]], title=None) -> int:
+    links = {"images": images}
+    for name, metric in zip(("metric", "metric_2", "metric_3"), metrics):
+        links[name] = metric
+    return b.add("IQAScore", column, {}, links, title=title, size=[320, 150], group="Score")
 
 
 def example_specs() -> dict:
     """name -> function(builder) that adds the nodes of that example."""
 
-    def quality_target(b, ckpt, adapter, size, steps, cfg, negative, note):
-        c, pos, neg, a = _text_to_image(b, ckpt, adapter, size, steps, cfg, negative)
-        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "topiq_nr=99, laion_aes=99", "target": 99.0,
-                                                "mode": "percentile"}, {"adapter": (a, 0)}, size=[360, 200])
+    def quality_target(b, ckpt, adapter, size, cfg, sdxl, note):
+        c = _checkpoint(b, ckpt)
+        a = b.add("IQAAdapterLoader", 0, {"adapter_name": adapter}, size=[300, 60], group="Models")
+        m = b.add("IQAMetricLoader", 0, {"metric": "topiq_nr"}, title="Score metric", size=[300, 110],
+                  group="Models")
+        b.add("Note", None, {"text": note})
+        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
+                  {"adapter": (a, 0)}, size=[320, 200], group="Quality target")
+        pos, neg = _prompts(b, c, 1, sdxl)
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
-                   size=[300, 160])
-        lat = b.add("EmptyLatentImage", 2, {"width": size, "height": size, "batch_size": 1}, size=[300, 110])
-        k = _sampler(b, (ap, 0), pos, neg, lat, steps, cfg)
-        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
-        b.add("SaveImage", 5, {"filename_prefix": "iqa_adapter/quality_99"}, {"images": (d, 0)},
-              size=[400, 400])
-        b.add("Note", 0, {"text": note})
+                   size=[280, 150], group="Sample")
+        lat = b.add("EmptyLatentImage", 2, {"width": size, "height": size, "batch_size": 1}, size=[280, 110],
+                    group="Sample")
+        k = _sampler(b, (ap, 0), pos, neg, lat, cfg, 2)
+        d = b.add("VAEDecode", 3, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[280, 50], group="Sample")
+        b.add("SaveImage", 3, {"filename_prefix": "iqa_adapter/quality_99"}, {"images": (d, 0)},
+              size=[280, 300], group="Sample")
+        _score(b, (d, 0), 4, [(m, 0)])
 
     def sdxl(b):
-        quality_target(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "",
-                       "IQA-Adapter on SDXL: the image is generated at a quality target, the 99th CC3M percentile "
-                       "of both metrics the adapter was trained on (topiq_nr, laion_aes). Put the adapter weights "
-                       "in models/iqa_adapter. Lower targets (e.g. 1) degrade the image on purpose; 'weight' scales "
-                       "the adapter's effect. Rows in 'targets' separated by ';' make a batch, one target per image.")
+        quality_target(b, SDXL_CKPT, SDXL_ADAPTER, 1024, SDXL_CFG, True,
+                       "An SDXL image at the quality you choose: 'target' is a CC3M percentile of the adapter's "
+                       "metrics (99 = better than 99% of CC3M photos; low targets degrade on purpose). "
+                       + SDXL_DEFAULTS + "\n" + WHERE_ADAPTERS + "\n" + SCORE_NOTE)
 
     def sd15(b):
-        quality_target(b, SD15_CKPT, SD15_ADAPTER, 512, 30, 7.5, SD15_NEGATIVE,
-                       "IQA-Adapter on SD1.5 (16 cross-attention layers): the same quality target (99th CC3M "
-                       "percentile) as the SDXL example. The authors released SDXL adapters only; use an SD1.5 "
-                       "adapter you trained (models/iqa_adapter, with a <name>.json descriptor).")
+        quality_target(b, SD15_CKPT, SD15_ADAPTER, 512, SD15_CFG, False,
+                       "An SD1.5 image at the quality you choose (CC3M percentile: 99 best, 1 worst). Authors' "
+                       "settings: 30 steps, CFG 7.5, weight 1.0, their negative prompt; their prompt when none is "
+                       "given is 'best quality, high quality', here it leads the subject.\n"
+                       "The authors published SDXL adapters only: use an SD1.5 adapter you trained, in "
+                       "models/iqa_adapter with a <name>.json descriptor (the pack's models/README.md). "
+                       + SCORE_NOTE)
 
     def sweep(b):
-        c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "")
+        c = _checkpoint(b, SDXL_CKPT)
+        a = b.add("IQAAdapterLoader", 0, {"adapter_name": SDXL_ADAPTER}, size=[300, 60], group="Models")
+        m = b.add("IQAMetricLoader", 0, {"metric": "topiq_nr"}, title="Score metric", size=[300, 110],
+                  group="Models")
+        b.add("Note", None, {"text": (
+            "One sampler run renders a row of quality targets, from worst to best (CC3M percentile 1 to 99; "
+            "spacing 'paper' gives the paper's 1/25/50/75/99). Image i gets target i; 'count' sets the batch "
+            "size. IQA Score measures each image, and the Sweep Report saves a labelled grid, a chart of score "
+            "against target (Spearman's rho) and CSV/JSON tables in output/iqa_sweep.\n" + WHERE_ADAPTERS)})
         s = b.add("IQATargetSweep", 1, {"metrics": "", "start": 1.0, "stop": 99.0, "steps": 8,
                                         "mode": "percentile", "spacing": "linear"},
-                  {"adapter": (a, 0)}, size=[360, 280])
+                  {"adapter": (a, 0)}, size=[320, 280], group="Quality target")
+        pos, neg = _prompts(b, c, 1, True)
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (s, 0)},
-                   size=[300, 160])
+                   size=[280, 150], group="Sample")
         lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 8},
-                    {"batch_size": (s, 2)}, size=[300, 110])
-        k = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0)
-        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
-        m = b.add("IQAMetricLoader", 4, {"metric": "topiq_nr"}, size=[300, 110])
-        sc = b.add("IQAScore", 5, {}, {"images": (d, 0), "metric": (m, 0)}, size=[300, 120])
-        b.add("IQASweepReport", 6, {"filename_prefix": "iqa_sweep/sweep"},
-              {"images": (d, 0), "targets": (s, 1), "scores": (sc, 0)}, size=[420, 460])
-        b.add("Note", 0, {"text": (
-            "Degradation sweep: one sampler run renders 8 quality targets, CC3M percentile 1 -> 99 (row i of "
-            "the tokens conditions image i; 'count' drives the latent batch size). IQA Score measures each image "
-            "and the Sweep Report writes a labelled grid, a chart of measured score vs target with Spearman's "
-            "rho, and CSV/JSON tables to output/iqa_sweep. Low targets act as a degradation model.")})
+                    {"batch_size": (s, 2)}, size=[280, 110], group="Sample")
+        k = _sampler(b, (ap, 0), pos, neg, lat, SDXL_CFG, 2)
+        d = b.add("VAEDecode", 3, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50], group="Sample")
+        sc = _score(b, (d, 0), 4, [(m, 0)])
+        b.add("IQASweepReport", 4, {"filename_prefix": "iqa_sweep/sweep"},
+              {"images": (d, 0), "targets": (s, 1), "scores": (sc, 0)}, size=[360, 420], group="Score")
 
     def reference(b):
-        c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_REF_ADAPTER, 1024, 30, 5.0, "")
-        img = b.add("LoadImage", 0, {"image": "reference.png"}, size=[340, 360])
-        em = b.add("IQAMetricLoader", 0, {"metric": "arniqa"}, title="Reference IQA model", size=[320, 110])
-        r = b.add("IQAAdapterEncodeReference", 1, {}, {"adapter": (a, 0), "reference": (img, 0),
-                                                        "metric": (em, 0)}, size=[360, 120])
-        ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (r, 0)},
-                   size=[300, 160])
-        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
-        k = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0)
-        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[200, 50])
+        c = _checkpoint(b, SDXL_CKPT)
+        a = b.add("IQAAdapterLoader", 0, {"adapter_name": SDXL_REF_ADAPTER}, size=[300, 60], group="Models")
+        em = b.add("IQAMetricLoader", 0, {"metric": "arniqa"}, title="Reference IQA model (extractor)",
+                   size=[300, 110], group="Models")
+        m = b.add("IQAMetricLoader", 0, {"metric": "topiq_nr"}, title="Score metric", size=[300, 110],
+                  group="Models")
+        b.add("Note", None, {"text": (
+            "Copy the quality of a reference image (blur, JPEG, noise, colour shift), not its content, as the "
+            "authors demo it: image-to-image (SDEdit) from the image you load as 'Image to re-render'; "
+            "'denoise' on the KSampler sets how much is redrawn (lower keeps more of it). The reference "
+            "adapter's descriptor names the IQA model whose activations encode the reference; which model, "
+            "layers and pooling the authors used is not published, so the extractor is our reading.\n"
+            + WHERE_ADAPTERS)})
+        ref = b.add("LoadImage", 1, {"image": "reference.png"}, title="Quality reference", size=[300, 320],
+                    group="Quality target")
+        r = b.add("IQAAdapterEncodeReference", 1, {}, {"adapter": (a, 0), "reference": (ref, 0),
+                                                        "metric": (em, 0)}, size=[300, 100], group="Quality target")
+        content = b.add("LoadImage", 2, {"image": "content.png"}, title="Image to re-render", size=[300, 320],
+                        group="Sample")
+        enc = b.add("VAEEncode", 2, {}, {"pixels": (content, 0), "vae": (c, 2)}, size=[300, 50], group="Sample")
+        pos, neg = _prompts(b, c, 3, True)
+        ap = b.add("IQAAdapterApply", 4, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (r, 0)},
+                   size=[280, 150], group="Sample")
+        k = _sampler(b, (ap, 0), pos, neg, enc, SDXL_CFG, 4, denoise=0.6)
+        d = b.add("VAEDecode", 4, {}, {"samples": (k, 0), "vae": (c, 2)}, size=[280, 50], group="Sample")
         b.add("SaveImage", 5, {"filename_prefix": "iqa_adapter/reference"}, {"images": (d, 0)},
-              size=[400, 400])
-        b.add("Note", 1, {"text": (
-            "Reference-image quality transfer (IQA-Adapter v2): a reference-based adapter reads an IQA model's "
-            "internal activations of the reference image and transfers its quality traits (blur, JPEG, noise, "
-            "colour shift), not its objects or colours. Load a reference adapter, the IQA model its descriptor names "
-            "(the extractor), and any image.")})
+              size=[280, 300], group="Score")
+        _score(b, (d, 0), 5, [(m, 0)])
 
     def guidance(b):
-        c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "")
+        c = _checkpoint(b, SDXL_CKPT)
+        a = b.add("IQAAdapterLoader", 0, {"adapter_name": SDXL_ADAPTER}, size=[300, 60], group="Models")
+        guide_metric = b.add("IQAMetricLoader", 0, {"metric": "topiq_nr", "differentiable": True},
+                             title="Guiding metric", size=[300, 110], group="Models")
+        b.add("Note", None, {"text": (
+            "The same seed twice: with the adapter alone (image 1) and with gradient quality guidance added at "
+            "every step (image 2; the paper's first method). The scores show the guiding metric and a second "
+            "one: guidance raises the metric it follows far more than others, and high scales make "
+            "adversarial textures.\n" + WHERE_ADAPTERS)})
         t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
-                  {"adapter": (a, 0)}, size=[360, 200])
+                  {"adapter": (a, 0)}, size=[320, 200], group="Quality target")
+        pos, neg = _prompts(b, c, 1, True)
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
-                   size=[300, 160])
-        guide_metric = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr", "differentiable": True},
-                             title="Guiding metric", size=[320, 110])
+                   size=[280, 150], group="Sample")
         gd = b.add("IQAGradientGuidance", 2, {"scale": 1.0},
-                   {"model": (ap, 0), "vae": (c, 2), "metric": (guide_metric, 0)}, size=[320, 280])
-        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}, size=[300, 110])
-        k1 = _sampler(b, (ap, 0), pos, neg, lat, 30, 5.0, title="KSampler (adapter only)")
-        k2 = _sampler(b, (gd, 0), pos, neg, lat, 30, 5.0, title="KSampler (adapter + gradient guidance)")
-        d1 = b.add("VAEDecode", 4, {}, {"samples": (k1, 0), "vae": (c, 2)}, size=[200, 50])
-        d2 = b.add("VAEDecode", 4, {}, {"samples": (k2, 0), "vae": (c, 2)}, size=[200, 50])
-        both = b.add("ImageBatch", 5, {}, {"image1": (d1, 0), "image2": (d2, 0)}, size=[200, 70])
-        b.add("SaveImage", 6, {"filename_prefix": "iqa_adapter/unguided_vs_guided"},
-              {"images": (both, 0)}, size=[400, 400])
+                   {"model": (ap, 0), "vae": (c, 2), "metric": (guide_metric, 0)}, size=[280, 280], group="Sample")
+        lat = b.add("EmptyLatentImage", 2, {"width": 1024, "height": 1024, "batch_size": 1}, size=[280, 110],
+                    group="Sample")
+        k1 = _sampler(b, (ap, 0), pos, neg, lat, SDXL_CFG, 3, title="KSampler (adapter only)")
+        k2 = _sampler(b, (gd, 0), pos, neg, lat, SDXL_CFG, 3, title="KSampler (adapter + guidance)")
+        d1 = b.add("VAEDecode", 4, {}, {"samples": (k1, 0), "vae": (c, 2)}, size=[240, 50], group="Sample")
+        d2 = b.add("VAEDecode", 4, {}, {"samples": (k2, 0), "vae": (c, 2)}, size=[240, 50], group="Sample")
+        # Batch Images (ImageBatch) is deprecated on ComfyUI >= 0.21 in favour of BatchImagesNode, which the
+        # older hosts we support do not have: kept until every tested host has the replacement.
+        both = b.add("ImageBatch", 4, {}, {"image1": (d1, 0), "image2": (d2, 0)}, size=[240, 70], group="Sample")
+        b.add("SaveImage", 4, {"filename_prefix": "iqa_adapter/unguided_vs_guided"}, {"images": (both, 0)},
+              size=[240, 260], group="Sample")
         m1 = b.add("IQAMetricLoader", 5, {"metric": "topiq_nr"}, title="Score: guiding metric",
-                   size=[300, 110])
+                   size=[300, 110], group="Score")
         m2 = b.add("IQAMetricLoader", 5, {"metric": "musiq"}, title="Score: second metric",
-                   size=[300, 110])
-        b.add("IQAScore", 6, {}, {"images": (both, 0), "metric": (m1, 0)}, size=[320, 140])
-        b.add("IQAScore", 6, {}, {"images": (both, 0), "metric": (m2, 0)}, size=[320, 140])
-        b.add("Note", 0, {"text": (
-            "Gradient quality guidance (the paper's first method) next to the adapter: the same seed with the "
-            "adapter alone (image 1) and with the guiding metric's gradient added at every step (image 2). "
-            "Scores are shown for the guiding metric and a second metric: guidance raises the metric it "
-            "follows far more than others, and high scales make adversarial textures.")})
+                   size=[300, 110], group="Score")
+        _score(b, (both, 0), 5, [(m1, 0), (m2, 0)])
 
     def score_images(b):
-        i1 = b.add("LoadImage", 0, {"image": "example1.png"}, size=[300, 360])
-        i2 = b.add("LoadImage", 0, {"image": "example2.png"}, size=[300, 360])
-        both = b.add("ImageBatch", 1, {}, {"image1": (i1, 0), "image2": (i2, 0)}, size=[200, 70])
-        m = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr"}, size=[300, 110])
-        b.add("IQAScore", 2, {}, {"images": (both, 0), "metric": (m, 0)}, size=[360, 200])
-        b.add("Note", 2, {"text": (
-            "Score existing images with any pyiqa metric (weights in models/iqa, nothing is downloaded). "
-            "Batch more images with Image Batch (images of one size), or load a whole folder of the input "
-            "directory with 'Load Image Dataset from Folder': each image is then scored on its own.")})
+        i1 = b.add("LoadImage", 0, {"image": "example1.png"}, size=[300, 320], group="Images")
+        i2 = b.add("LoadImage", 0, {"image": "example2.png"}, size=[300, 320], group="Images")
+        # ImageBatch: deprecated on ComfyUI >= 0.21, but its replacement is missing on the older hosts we support
+        both = b.add("ImageBatch", 1, {}, {"image1": (i1, 0), "image2": (i2, 0)}, size=[240, 70], group="Images")
+        m = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr"}, size=[240, 110], group="Score")
+        _score(b, (both, 0), 2, [(m, 0)])
+        b.add("Note", None, {"text": (
+            "Score your own images with any pyiqa metric (weights in ComfyUI/models/iqa under pyiqa's file "
+            "names; nothing is downloaded). Batch more images with Batch Images (images of one size), or load a "
+            "folder from the input directory with 'Load Image Dataset from Folder'. " + SCORE_NOTE)})
 
     return {"sdxl_quality_target": sdxl, "sd15_quality_target": sd15, "degradation_sweep": sweep,
             "reference_transfer": reference, "gradient_guidance": guidance, "score_images": score_images}
@@ -591,22 +738,28 @@ def author(object_info: dict, out_dir: pathlib.Path = UI_DIR, only: list[str] | 
             continue
         builder = GraphBuilder(object_info)
         build(builder)
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(builder.workflow(), indent=2) + "\n")
+        path = ui_path(name, out_dir)
+        path.write_text(json.dumps(builder.workflow(name), indent=2) + "\n")
         written.append(path)
     return written
 
 
+def stray_ui_files(ui_dir: pathlib.Path = UI_DIR) -> list[pathlib.Path]:
+    """JSON files in the UI folder that are not one of EXAMPLES (e.g. left behind by a rename)."""
+    known = {ui_path(slug, ui_dir).name for slug in EXAMPLES}
+    return [p for p in sorted(ui_dir.glob("*.json")) if p.name not in known]
+
+
 def convert_all(object_info: dict, ui_dir: pathlib.Path = UI_DIR, api_dir: pathlib.Path = API_DIR,
                 write: bool = True) -> dict[str, dict]:
-    """ui/*.json -> {name: api prompt}; writes api/<name>.json when `write`."""
+    """ui/<title>.json -> {slug: api prompt}; writes api/<slug>.json when `write`."""
     out = {}
     api_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(ui_dir.glob("*.json")):
-        api = ui_to_api(json.loads(path.read_text()), object_info)
-        out[path.stem] = api
+    for slug in EXAMPLES:
+        api = ui_to_api(json.loads(ui_path(slug, ui_dir).read_text()), object_info)
+        out[slug] = api
         if write:
-            (api_dir / path.name).write_text(json.dumps(api, indent=2) + "\n")
+            api_path(slug, api_dir).write_text(json.dumps(api, indent=2) + "\n")
     return out
 
 
@@ -625,10 +778,16 @@ def _object_info(url: str | None) -> tuple[dict, object]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["convert", "check", "author"])
+    parser.add_argument("command", choices=["convert", "check", "author", "thumbnails"])
     parser.add_argument("--url", help="a running ComfyUI server (default: start one)")
     parser.add_argument("--only", nargs="*", help="author only these examples")
     args = parser.parse_args(argv)
+    if args.command == "thumbnails":
+        sys.path.insert(0, str(SCRIPTS))
+        from make_thumbnails import write_thumbnails
+        for path in write_thumbnails({slug: thumbnail_path(slug) for slug in EXAMPLES}):
+            print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
+        return 0
     object_info, server = _object_info(args.url)
     try:
         if args.command == "author":
@@ -636,7 +795,11 @@ def main(argv=None) -> int:
                 print(f"wrote {path.relative_to(ROOT)}")
             args.command = "convert"
         failures = 0
-        for path in sorted(UI_DIR.glob("*.json")):
+        for path in stray_ui_files():
+            print(f"{path.relative_to(ROOT)}: not one of the examples (EXAMPLES); remove or add it", file=sys.stderr)
+            failures += 1
+        for slug in EXAMPLES:
+            path = ui_path(slug)
             ui = json.loads(path.read_text())
             errors = validate_ui(ui, object_info)
             errors += [f"nodes {a} and {b} overlap (title bar included)" for a, b in overlapping_nodes(ui)]
@@ -644,8 +807,8 @@ def main(argv=None) -> int:
                 print(f"{path.name}: {error}", file=sys.stderr)
             failures += bool(errors)
         converted = convert_all(object_info, write=args.command == "convert")
-        for name, api in converted.items():
-            target = API_DIR / f"{name}.json"
+        for slug, api in converted.items():
+            target = api_path(slug)
             if args.command == "check":
                 if not target.exists() or json.loads(target.read_text()) != api:
                     print(f"{target.relative_to(ROOT)} is stale: run `python scripts/workflow_tools.py convert`",

@@ -19,8 +19,18 @@ import pytest
 from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT, _load_by_path
 
 workflow_tools = _load_by_path("iqa_workflow_tools", PACK_ROOT / "scripts" / "workflow_tools.py")
-UI_FILES = sorted(workflow_tools.UI_DIR.glob("*.json"))
-NAMES = [p.stem for p in UI_FILES]
+NAMES = list(workflow_tools.EXAMPLES)  # API twin names; the UI files are named for people (template titles)
+GENERATING = ["sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
+              "gradient_guidance"]
+SDXL_EXAMPLES = ["sdxl_quality_target", "degradation_sweep", "reference_transfer", "gradient_guidance"]
+
+
+def load_ui(name: str) -> dict:
+    return json.loads(workflow_tools.ui_path(name).read_text())
+
+
+def load_api(name: str) -> dict:
+    return json.loads(workflow_tools.api_path(name).read_text())
 REFERENCE_ADAPTER = "tiny_sd15_reference_adapter.safetensors"
 SMALL_METRIC = "cnniqa"      # tiny CNN: random weights written below (nothing is downloaded)
 WEIGHT_FREE_METRIC = "piqe"  # no weights at all
@@ -32,21 +42,111 @@ def object_info(comfy_server):
 
 
 def test_every_example_is_there():
-    assert set(NAMES) >= {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
+    assert set(NAMES) == {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
                           "gradient_guidance", "score_images"}
-    for path in UI_FILES:
-        notes = [n for n in json.loads(path.read_text())["nodes"] if n["type"] in ("Note", "MarkdownNote")]
-        assert notes and len(notes[0]["widgets_values"][0]) > 80, f"{path.name}: needs a Note explaining it"
+    assert workflow_tools.stray_ui_files() == [], "a UI workflow that is not one of the examples"
+    assert sorted(p.name for p in workflow_tools.API_DIR.glob("*.json")) == sorted(f"{n}.json" for n in NAMES)
+    for name in NAMES:
+        ui = load_ui(name)
+        assert workflow_tools.slug_of(ui) == name
+        notes = [n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+        assert notes and len(notes[0]["widgets_values"][0]) > 80, f"{name}: needs a Note explaining it"
+
+
+def test_templates_people_can_run():
+    """What the template browser and the canvas show: a readable title (the file name), a small thumbnail
+    beside it, a unique id, groups, base-model download metadata, and a note on where adapters come from."""
+    ids = set()
+    for name in NAMES:
+        path, ui = workflow_tools.ui_path(name), load_ui(name)
+        title = path.stem
+        assert " " in title and "_" not in title and "-" not in title, f"{title!r}: a title for people"
+        thumbnail = workflow_tools.thumbnail_path(name)
+        assert thumbnail.exists() and 5_000 < thumbnail.stat().st_size < 100 * 1024, thumbnail
+        assert thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", "the frontend asks for <title>.jpg: a JPEG"
+        ids.add(ui["id"])
+        groups = {g["title"] for g in ui["groups"]}
+        expected = {"Images", "Score"} if name == "score_images" else {"Models", "Quality target", "Sample", "Score"}
+        assert expected <= groups, (name, groups)
+        note = " ".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note")
+        for node in ui["nodes"]:
+            if node["type"] == "CheckpointLoaderSimple":
+                (model,) = node["properties"]["models"]
+                assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"
+                assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
+                assert model in ui["models"]
+        if name != "score_images":
+            assert "github.com/X1716/IQA-Adapter" in note or "trained" in note, f"{name}: where adapters come from"
+            assert "models/iqa_adapter" in note
+        # every node and group lies inside the stored default view of a 1366x768 window
+        scale, (off_x, off_y) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+        assert scale >= workflow_tools.VIEW_SCALE[0], "text is drawn at this zoom"
+        boxes = [workflow_tools.rectangle(n) for n in ui["nodes"]]
+        boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                   g["bounding"][1] + g["bounding"][3]) for g in ui["groups"]]
+        width, height = workflow_tools.WINDOW
+        for left, top, right, bottom in boxes:
+            assert (left + off_x) * scale >= 0 and (top + off_y) * scale >= 0, name
+            assert (right + off_x) * scale <= width and (bottom + off_y) * scale <= height, name
+    assert len(ids) == len(NAMES), "unique workflow ids"
+
+
+def test_generating_examples_score_their_images():
+    for name in GENERATING:
+        api = load_api(name)
+        decoded = {node_id for node_id, node in api.items() if node["class_type"] == "VAEDecode"}
+        scorers = [node for node in api.values() if node["class_type"] == "IQAScore"]
+        assert scorers, f"{name}: no IQA Score"
+        fed = set()
+        for node in scorers:
+            origin = node["inputs"]["images"][0]
+            fed |= {origin} | {value[0] for value in api[origin]["inputs"].values() if isinstance(value, list)}
+        assert decoded <= fed, f"{name}: some generated images are not scored"
+
+
+def test_sdxl_examples_use_the_authors_zero_negative_and_sd15_their_negative_prompt():
+    """Authors' SDXL pipeline: no negative prompt, and SDXL base zeroes empty prompts (text and pooled):
+    ConditioningZeroOut. SD1.5: their negative prompt at CFG 7.5. Everywhere: 30 steps, weight 1.0."""
+    for name in SDXL_EXAMPLES + ["sd15_quality_target"]:
+        api = load_api(name)
+        samplers = [node for node in api.values() if node["class_type"] == "KSampler"]
+        assert samplers
+        for sampler in samplers:
+            negative = api[sampler["inputs"]["negative"][0]]
+            assert sampler["inputs"]["steps"] == 30
+            if name in SDXL_EXAMPLES:
+                assert negative["class_type"] == "ConditioningZeroOut", name
+                assert sampler["inputs"]["cfg"] == 5.0
+            else:
+                assert negative["class_type"] == "CLIPTextEncode"
+                assert negative["inputs"]["text"] == "monochrome, lowres, bad anatomy, worst quality, low quality"
+                assert sampler["inputs"]["cfg"] == 7.5
+            positive = api[sampler["inputs"]["positive"][0]]
+            assert positive["inputs"]["text"].startswith("best quality, high quality")
+        assert all(node["inputs"]["weight"] == 1.0 for node in api.values() if node["class_type"] == "IQAAdapterApply")
+
+
+def test_reference_example_is_image_to_image():
+    """The authors demo reference transfer as SDEdit: the sampler starts from a loaded image's latent, with
+    the denoise exposed below 1."""
+    api = load_api("reference_transfer")
+    (sampler,) = [node for node in api.values() if node["class_type"] == "KSampler"]
+    encode = api[sampler["inputs"]["latent_image"][0]]
+    assert encode["class_type"] == "VAEEncode" and api[encode["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    assert 0.0 < sampler["inputs"]["denoise"] < 1.0
+    assert not any(node["class_type"] == "EmptyLatentImage" for node in api.values())
+    note = next(n for n in load_ui("reference_transfer")["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "our reading" in note and "denoise" in note
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_valid_against_object_info(object_info, name):
-    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    ui = load_ui(name)
     assert workflow_tools.validate_ui(ui, object_info) == []
 
 
 def test_validator_catches_broken_workflows(object_info):
-    ui = json.loads((workflow_tools.UI_DIR / "sd15_quality_target.json").read_text())
+    ui = load_ui("sd15_quality_target")
     broken = copy.deepcopy(ui)
     sampler = next(n for n in broken["nodes"] if n["type"] == "KSampler")
     sampler["widgets_values"][4] = "no_such_sampler"              # bad combo value
@@ -60,8 +160,7 @@ def test_validator_catches_broken_workflows(object_info):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_twin_is_generated_from_ui(object_info, name):
-    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
-    twin = json.loads((workflow_tools.API_DIR / f"{name}.json").read_text())
+    ui, twin = load_ui(name), load_api(name)
     assert workflow_tools.ui_to_api(ui, object_info) == twin, \
         f"workflows/api/{name}.json is stale: run `python scripts/workflow_tools.py convert`"
 
@@ -86,7 +185,7 @@ def _overlaps(ui: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_nodes_do_not_overlap(name):
-    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    ui = load_ui(name)
     assert all(len(n["size"]) == 2 and n["size"][0] >= 140 and n["size"][1] >= 40 for n in ui["nodes"]), \
         "every node stores a realistic size"
     assert _overlaps(ui) == []
@@ -101,7 +200,7 @@ def test_ui_workflow_nodes_do_not_overlap(name):
 def test_ui_workflow_flows_left_to_right(name):
     """Every link leaves a node that lies wholly left of the node it feeds (columns, no back-links), or
     one right above it in the same column (a patch chain, e.g. adapter apply -> gradient guidance)."""
-    ui = json.loads((workflow_tools.UI_DIR / f"{name}.json").read_text())
+    ui = load_ui(name)
     nodes = {n["id"]: n for n in ui["nodes"]}
 
     def forward(origin: dict, target: dict) -> bool:
@@ -137,7 +236,7 @@ def tiny_assets(comfy_server):
             "kind": "reference", "name": "tiny reference adapter (tests)",
             "extractor": {"model": SMALL_METRIC, "layers": ["conv1"], "pooling": "avg", "dim": 50}}))
     rng = np.random.default_rng(0)
-    for name in ("example1.png", "example2.png", "reference.png"):
+    for name in ("example1.png", "example2.png", "reference.png", "content.png"):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(comfy_server.input_dir / name)
     return True
 
@@ -172,18 +271,22 @@ def _outputs_of(result, api, class_type):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_on_tiny_models(comfy_server, object_info, tiny_assets, name):
-    api = tiny_version(json.loads((workflow_tools.API_DIR / f"{name}.json").read_text()), object_info)
+    api = tiny_version(load_api(name), object_info)
     result = comfy_server.run(api, timeout=900)
     assert result.ok, f"{name}: {result.error_message()}\n{comfy_server.log_tail(30)}"
     saved = [img for out in _outputs_of(result, api, "SaveImage") for img in out.get("images", [])]
     for image in saved:
         assert comfy_server.output_file(image).stat().st_size > 0
     texts = [t for out in _outputs_of(result, api, "IQAScore") for t in out.get("text", [])]
+    if name in GENERATING:
+        assert texts and all(SMALL_METRIC in text for text in texts), f"{name}: scores on the canvas: {texts}"
     if name in ("sdxl_quality_target", "sd15_quality_target", "reference_transfer"):
         assert len(saved) == 1
+    if name == "sdxl_quality_target":  # ran with the zeroed negative (ConditioningZeroOut)
+        assert any(node["class_type"] == "ConditioningZeroOut" for node in api.values())
     if name == "gradient_guidance":
         assert len(saved) == 2, "unguided and guided image side by side"
-        assert len(texts) == 2 and SMALL_METRIC in texts[0] and WEIGHT_FREE_METRIC in texts[1], texts
+        assert len(texts) == 1 and WEIGHT_FREE_METRIC in texts[0], texts
     if name == "score_images":
         assert len(texts) == 1 and SMALL_METRIC in texts[0]
         rows = [line for line in texts[0].splitlines() if line.strip()[:1].isdigit()]
@@ -202,12 +305,18 @@ def test_api_workflow_runs_on_tiny_models(comfy_server, object_info, tiny_assets
 def test_examples_listed_in_template_browser(comfy_server):
     """The host lists custom_nodes/<pack>/example_workflows/*.json (and workflows/*.json: none there, so no
     duplicates) and serves them under /api/workflow_templates/<pack>/."""
+    import urllib.parse
     import urllib.request
 
     listing = comfy_server.get("/workflow_templates")
     ours = [names for pack, names in listing.items() if "IQA" in pack]
-    assert len(ours) == 1 and sorted(ours[0]) == sorted(NAMES), listing
+    titles = [workflow_tools.EXAMPLES[name] for name in NAMES]
+    assert len(ours) == 1 and sorted(ours[0]) == sorted(titles), listing
     pack = next(pack for pack in listing if "IQA" in pack)
-    with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{pack}/degradation_sweep.json") as r:
+    base = f"{comfy_server.url}/api/workflow_templates/{urllib.parse.quote(pack)}/"
+    title = workflow_tools.EXAMPLES["degradation_sweep"]
+    with urllib.request.urlopen(base + urllib.parse.quote(f"{title}.json")) as r:  # as the frontend fetches it
         served = json.loads(r.read())
-    assert served == json.loads((workflow_tools.UI_DIR / "degradation_sweep.json").read_text())
+    assert served == load_ui("degradation_sweep")
+    with urllib.request.urlopen(base + urllib.parse.quote(f"{title}.jpg")) as r:
+        assert r.read() == workflow_tools.thumbnail_path("degradation_sweep").read_bytes()
