@@ -55,14 +55,14 @@ def build_graph(args, metrics: list[str], targets: list[float]) -> dict:
     nodes_of(graph, "KSampler")[0]["inputs"].update(seed=args.seed, steps=args.steps, cfg=args.cfg)
     positive = graph[nodes_of(graph, "KSampler")[0]["inputs"]["positive"][0]]
     positive["inputs"]["text"] = args.prompt
-    save = nodes_of(graph, "SaveImage")[0]
-    save["inputs"]["filename_prefix"] = "demo/iqa"
-    decode_ref = save["inputs"]["images"]
-    graph["demo_metric"] = {"class_type": "IQAMetricLoader",
-                            "inputs": {"metric": args.metric, "device": "cpu", "differentiable": False}}
-    graph["demo_score"] = {"class_type": "IQAScore", "inputs": {
-        "images": decode_ref, "metric": ["demo_metric", 0], "chunk_size": 8, "save_rows": "csv",
-        "filename_prefix": "demo/scores"}}
+    if args.negative is not None:
+        negative = graph[nodes_of(graph, "KSampler")[0]["inputs"]["negative"][0]]
+        negative["inputs"]["text"] = args.negative
+    nodes_of(graph, "SaveImage")[0]["inputs"]["filename_prefix"] = "demo/iqa"
+    # the example's own scoring branch, with this run's metric, writing its rows where the demo reads them
+    nodes_of(graph, "IQAMetricLoader")[0]["inputs"].update(metric=args.metric, device="cpu", differentiable=False)
+    nodes_of(graph, "IQAScore")[0]["inputs"].update(save_rows="csv", filename_prefix="demo/scores",
+                                                    score_size=args.score_size)
     return graph
 
 
@@ -72,11 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", default=os.environ.get("IQA_DEMO_ADAPTER", "tiny_sd15_iqa_adapter.safetensors"))
     p.add_argument("--targets", default="99,50,1", help="percentile targets, one image each")
     p.add_argument("--prompt", default="best quality, high quality, a lighthouse on a cliff at sunset")
-    p.add_argument("--negative", default="")
+    p.add_argument("--negative", default=None, help="negative prompt (default: the authors' SD1.5 negative)")
     p.add_argument("--metric", default="piqe", help="pyiqa metric for the scores table (weight-free by default)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (7.5: the authors' SD1.5 value)")
+    p.add_argument("--score-size", default="cc3m", choices=["cc3m", "native"],
+                   help="cc3m: score images squashed to 512x512 as the CC3M statistics were made; native: as they are")
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "output" / "demo")
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
         with open(server.output_dir / "demo" / "scores.csv", newline="") as f:
             score_rows = list(csv.DictReader(f))
     rows = [{"image": images[int(r["image"])], "target_percentile": targets[int(r["image"])],
-             "metric": r["metric"], "lower_better": r["lower_better"], "score": round(float(r["score"]), 6)}
+             "metric": r["metric"], "lower_better": r["lower_better"], "score_size": r["score_size"],
+             "score": round(float(r["score"]), 6)}
             for r in score_rows]
     with open(args.out / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     (args.out / "scores.json").write_text(json.dumps(
         {"ckpt": args.ckpt, "adapter": args.adapter, "adapter_metrics": metrics, "prompt": args.prompt,
-         "seed": args.seed, "steps": args.steps, "size": args.size, "rows": rows}, indent=2))
+         "seed": args.seed, "steps": args.steps, "size": args.size, "score_size": args.score_size, "rows": rows},
+        indent=2))
     for row in rows:
         print(f"[demo] {row['image']}: target percentile {row['target_percentile']:g} -> "
               f"{row['metric']} {row['score']}")
