@@ -292,7 +292,7 @@ GROUP_COLORS = {"Models": "#3f789e", "Quality target": "#8A8", "Prompt": "#a1309
                 "Score": "#88A", "Images": "#3f789e"}
 # The default view shows the whole graph in a 1366x768 window (a laptop), in the area left free by the
 # sidebar, top bar and run button, at no smaller zoom than where the frontend stops drawing text (~0.57).
-VIEW_AREA = (70, 110, 1260, 580)  # x, y, width, height in screen pixels
+VIEW_AREA = (75, 135, 1265, 570)  # x, y, width, height in screen pixels (below the Run bar)
 VIEW_SCALE = (0.6, 0.8)
 WINDOW = (1366, 768)
 
@@ -314,6 +314,25 @@ def rectangle(node: dict) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) of a node as drawn, title bar included."""
     (x, y), (w, h) = node["pos"], node["size"]
     return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def group_problems(ui: dict) -> list[str]:
+    """Group frames that overlap each other, or that cover a node which is not inside them (LiteGraph
+    makes a node a group's member by position, so such a node would move with the wrong group)."""
+    problems = []
+    frames = [(g["title"], g["bounding"]) for g in ui.get("groups", [])]
+    for i, (name_a, (ax, ay, aw, ah)) in enumerate(frames):
+        for name_b, (bx, by, bw, bh) in frames[i + 1:]:
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                problems.append(f"groups {name_a!r} and {name_b!r} overlap")
+    for name, (gx, gy, gw, gh) in frames:
+        for node in ui["nodes"]:
+            left, top, right, bottom = rectangle(node)
+            touches = left < gx + gw and gx < right and top < gy + gh and gy < bottom
+            inside = gx <= left and right <= gx + gw and gy <= top and bottom <= gy + gh
+            if touches and not inside:
+                problems.append(f"group {name!r} partly covers node {node['id']} ({node.get('title') or node['type']})")
+    return problems
 
 
 def overlapping_nodes(ui: dict) -> list[tuple[int, int]]:
@@ -664,14 +683,14 @@ def example_specs() -> dict:
             "adapter's descriptor names the IQA model whose activations encode the reference; which model, "
             "layers and pooling the authors used is not published, so the extractor is our reading.\n"
             + WHERE_ADAPTERS)})
-        ref = b.add("LoadImage", 1, {"image": "reference.png"}, title="Quality reference", size=[300, 320],
+        ref = b.add("LoadImage", 1, {"image": "reference.png"}, title="Quality reference", size=[300, 340],
                     group="Quality target")
         r = b.add("IQAAdapterEncodeReference", 1, {}, {"adapter": (a, 0), "reference": (ref, 0),
                                                         "metric": (em, 0)}, size=[300, 100], group="Quality target")
-        content = b.add("LoadImage", 2, {"image": "content.png"}, title="Image to re-render", size=[300, 320],
+        pos, neg = _prompts(b, c, 2, True)
+        content = b.add("LoadImage", 3, {"image": "content.png"}, title="Image to re-render", size=[300, 340],
                         group="Sample")
-        enc = b.add("VAEEncode", 2, {}, {"pixels": (content, 0), "vae": (c, 2)}, size=[300, 50], group="Sample")
-        pos, neg = _prompts(b, c, 3, True)
+        enc = b.add("VAEEncode", 3, {}, {"pixels": (content, 0), "vae": (c, 2)}, size=[300, 50], group="Sample")
         ap = b.add("IQAAdapterApply", 4, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (r, 0)},
                    size=[280, 150], group="Sample")
         k = _sampler(b, (ap, 0), pos, neg, enc, SDXL_CFG, 4, denoise=0.6)
@@ -715,13 +734,13 @@ def example_specs() -> dict:
         _score(b, (both, 0), 5, [(m1, 0), (m2, 0)])
 
     def score_images(b):
-        i1 = b.add("LoadImage", 0, {"image": "example1.png"}, size=[300, 320], group="Images")
-        i2 = b.add("LoadImage", 0, {"image": "example2.png"}, size=[300, 320], group="Images")
+        i1 = b.add("LoadImage", 0, {"image": "example1.png"}, size=[300, 340], group="Images")
+        i2 = b.add("LoadImage", 0, {"image": "example2.png"}, size=[300, 340], group="Images")
         # ImageBatch: deprecated on ComfyUI >= 0.21, but its replacement is missing on the older hosts we support
         both = b.add("ImageBatch", 1, {}, {"image1": (i1, 0), "image2": (i2, 0)}, size=[240, 70], group="Images")
-        m = b.add("IQAMetricLoader", 1, {"metric": "topiq_nr"}, size=[240, 110], group="Score")
+        m = b.add("IQAMetricLoader", 2, {"metric": "topiq_nr"}, size=[320, 110], group="Score")
         _score(b, (both, 0), 2, [(m, 0)])
-        b.add("Note", None, {"text": (
+        b.add("Note", 2, {"text": (
             "Score your own images with any pyiqa metric (weights in ComfyUI/models/iqa under pyiqa's file "
             "names; nothing is downloaded). Batch more images with Batch Images (images of one size), or load a "
             "folder from the input directory with 'Load Image Dataset from Folder'. " + SCORE_NOTE)})
@@ -803,6 +822,7 @@ def main(argv=None) -> int:
             ui = json.loads(path.read_text())
             errors = validate_ui(ui, object_info)
             errors += [f"nodes {a} and {b} overlap (title bar included)" for a, b in overlapping_nodes(ui)]
+            errors += group_problems(ui)
             for error in errors:
                 print(f"{path.name}: {error}", file=sys.stderr)
             failures += bool(errors)

@@ -23,6 +23,12 @@ CHROMIUM = os.environ.get("IQA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 UI_FILES = sorted(UI_DIR.glob("*.json"))
+EXAMPLE_KEY = "iqa_adapter_example"  # extra.<key> of a UI file = its API twin's name (scripts/workflow_tools.py)
+WINDOW = {"width": 1366, "height": 768}  # a laptop: every template must fit it
+
+
+def api_twin(workflow: dict) -> dict:
+    return json.loads((API_DIR / f"{workflow['extra'][EXAMPLE_KEY]}.json").read_text())
 
 
 def _skip(reason: str):
@@ -45,7 +51,7 @@ def page(comfy_server):
     urllib.request.urlopen(request, timeout=30).read()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        tab = browser.new_page(viewport={"width": 1800, "height": 1000})
+        tab = browser.new_page(viewport=WINDOW)
         errors: list[str] = []
         tab.on("pageerror", lambda error: errors.append(str(error)))
         tab.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
@@ -58,7 +64,7 @@ def page(comfy_server):
 
 
 def test_ui_workflows_exist():
-    names = {p.stem for p in UI_FILES}
+    names = {json.loads(p.read_text())["extra"][EXAMPLE_KEY] for p in UI_FILES}
     assert {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
             "gradient_guidance", "score_images"} <= names, names
     link = ROOT / "example_workflows"
@@ -80,7 +86,8 @@ def test_workflow_loads_in_frontend(page, path):
                                             // '$$' widgets are the frontend's own (e.g. an image preview)
                                             widgets: (n.widgets || []).filter(w => !String(w.name).startsWith('$$')).length}));
             const prompt = await app.graphToPrompt();
-            const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 300));
+            const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 600));
+            document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
             return {report, output: prompt.output, dialogs};
         }""", workflow)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -94,9 +101,14 @@ def test_workflow_loads_in_frontend(page, path):
     stored = {n["id"]: len(n.get("widgets_values", [])) for n in workflow["nodes"]}
     for node in result["report"]:
         assert node["widgets"] == stored[node["id"]], (path.name, node, stored[node["id"]])
-    assert not any("missing" in d.lower() for d in result["dialogs"]), result["dialogs"]
+    # the only dialog: the missing-models one, offering the base checkpoint the test host does not have
+    models = workflow.get("models", [])
+    for dialog in result["dialogs"]:
+        assert "missing" in dialog.lower() and "model" in dialog.lower(), result["dialogs"]
+        assert models and all(m["name"] in dialog for m in models), (path.name, dialog)
+    assert bool(result["dialogs"]) == bool(models), (path.name, result["dialogs"])
     # The frontend's own UI -> API conversion equals our twin (widget order, links, control values).
-    ours = json.loads((API_DIR / path.name).read_text())
+    ours = api_twin(workflow)
     theirs = result["output"]
     assert sorted(theirs) == sorted(ours), f"{path.name}: node ids differ: {sorted(theirs)} vs {sorted(ours)}"
     for node_id, node in ours.items():
@@ -115,13 +127,15 @@ def test_workflow_layout_in_frontend(page, path):
             const app = window.app;
             await app.loadGraphData(workflow, true, true, null);
             await new Promise(r => setTimeout(r, 300));
+            document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());  // missing models
             const canvas = app.canvas;
+            const groups = (app.graph._groups || app.graph.groups || []).map(g => Array.from(g._bounding || g.bounding));
             const nodes = (app.graph._nodes || app.graph.nodes).map(n => ({
                 id: n.id, name: n.title || n.type, box: Array.from(n.getBounding()), size: Array.from(n.size),
                 needed: Array.from(n.computeSize()),
                 texts: (n.widgets || []).filter(w => w.element && w.element.tagName === 'TEXTAREA' && w.element.isConnected)
                                         .map(w => [w.element.scrollHeight, w.element.clientHeight])}));
-            return {nodes, scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
+            return {nodes, groups, scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
                     view: [canvas.canvas.clientWidth, canvas.canvas.clientHeight]};
         }""", json.loads(path.read_text()))
     nodes = result["nodes"]
@@ -147,4 +161,8 @@ def test_workflow_layout_in_frontend(page, path):
         left, top = (x + off_x) * scale, (y + off_y) * scale
         if left < 0 or top < 0 or left + w * scale > view_w or top + h * scale > view_h:
             outside.append((n["id"], n["name"]))
+    for index, (x, y, w, h) in enumerate(result["groups"]):
+        left, top = (x + off_x) * scale, (y + off_y) * scale
+        if left < 0 or top < 0 or left + w * scale > view_w or top + h * scale > view_h:
+            outside.append(("group", index))
     assert outside == [], f"{path.name}: nodes outside the default view ({view_w}x{view_h}): {outside}"

@@ -189,6 +189,7 @@ def test_ui_workflow_nodes_do_not_overlap(name):
     assert all(len(n["size"]) == 2 and n["size"][0] >= 140 and n["size"][1] >= 40 for n in ui["nodes"]), \
         "every node stores a realistic size"
     assert _overlaps(ui) == []
+    assert workflow_tools.group_problems(ui) == []
     # the check itself catches a node dropped onto its neighbour's title bar
     broken = copy.deepcopy(ui)
     first, second = broken["nodes"][:2]
