@@ -499,7 +499,7 @@ def train(config: TrainConfig, dataset, vectors: torch.Tensor, base: BaseModel, 
         bar.close()
     if end < config.max_steps:
         return None
-    release = None
+    release = out_dir / f"{config.name}.safetensors"  # every process returns it; the main one writes it
     if main:
         release = write_release(out_dir, config.name, accelerator.unwrap_model(model), descriptor)
         print(f"[train] wrote {release} and {release.with_suffix('.json').name}")

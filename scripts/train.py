@@ -74,6 +74,8 @@ def main(argv=None) -> int:
         raise SystemExit("train: the trainer needs `accelerate`: pip install -r requirements-train.txt") from None
     cpu = args.device == "cpu" or (args.device == "auto" and not __import__("torch").cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision)
+    # 'cpu', not accelerate's 'cpu:0' (pyiqa keeps a device marker that must stay on its own device)
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     comfy_dir = pathlib.Path(args.comfy).resolve()
     import_host(comfy_dir, cpu)
     load_pack()
@@ -102,14 +104,14 @@ def main(argv=None) -> int:
             for metric in config.metrics:
                 if accelerator.is_main_process:
                     print(f"[train] labels: {metric} on {len(dataset)} images (cached in {labels_dir})")
-                scores[metric] = training_data.score_dataset(dataset, metric, labels_dir, device=str(accelerator.device),
+                scores[metric] = training_data.score_dataset(dataset, metric, labels_dir, device=device,
                                                              metric_folders=tuple(args.metric_folder))
         accelerator.wait_for_everyone()
     stats = training_data.write_stats_csv(out / "stats.csv", scores) if accelerator.is_main_process else \
         {m: training_data.metric_statistics(list(scores[m].values())) for m in config.metrics}
     vectors = training.quality_vectors(config, scores, dataset.keys(), stats)
     descriptor = training.descriptor_dict(config, stats)
-    base = HostBase.from_checkpoint(str(ckpt), device=accelerator.device)
+    base = HostBase.from_checkpoint(str(ckpt), device=device)
     release = training.train(config, dataset, vectors, base, out, descriptor, accelerator=accelerator,
                              resume=not args.no_resume, stop_at=args.stop_at)
     return 0 if release is not None or args.stop_at else 1
