@@ -305,8 +305,7 @@ def load_checkpoint(path: pathlib.Path, module: TrainableAdapter, optimizer, con
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({detail}); "
                          "use a new output folder or the original settings")
     weights = load_file(str(path / "adapter.safetensors"))
-    missing, unexpected = module.load_state_dict(weights, strict=True), None
-    del missing, unexpected
+    module.load_state_dict(weights, strict=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path / 'state.pt'}: not a trainer checkpoint")

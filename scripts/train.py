@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     base = HostBase.from_checkpoint(str(ckpt), device=device)
     release = training.train(config, dataset, vectors, base, out, descriptor, accelerator=accelerator,
                              resume=not args.no_resume, stop_at=args.stop_at)
+    del base  # release the host's model patchers while the host's modules are still alive
+    __import__("gc").collect()
     return 0 if release is not None or args.stop_at else 1
 
 

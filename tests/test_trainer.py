@@ -152,6 +152,23 @@ def test_initialisation_copies_to_k_and_to_v(base):
     assert not any(p.requires_grad for p in base.unet.parameters())  # ... the base is frozen
 
 
+@pytest.mark.parametrize("options", [dict(projection="mlp", use_flag=True, pos_encode_L=2, num_tokens=4),
+                                     dict(projection="linear", use_flag=False, pos_encode_L=0, num_tokens=2)])
+def test_projection_options_give_files_the_loader_accepts(options):
+    from comfyui_iqa_adapter.adapter.descriptor import check_input_dim, descriptor_from_dict
+
+    config = training.TrainConfig(metrics=["topiq_nr", "laion_aes"], normalization="cc3m", **options)
+    module = training.TrainableAdapter(64, [32, 48], config.input_dim, config.num_tokens, config.projection)
+    weights = checkpoint.split_state_dict(module.released_state_dict())
+    assert (weights.info.projection_kind, weights.info.num_tokens, weights.info.input_dim) == \
+        (config.projection, config.num_tokens, (2 + options["use_flag"]) * (2 * options["pos_encode_L"] + 1))
+    descriptor = descriptor_from_dict(training.descriptor_dict(config, {}))
+    check_input_dim(descriptor, weights.info.input_dim, "<trained>")
+    scores = {"topiq_nr": {"a": 0.5492, "b": 0.7}, "laion_aes": {"a": 4.684, "b": 5.0}}
+    vectors = training.quality_vectors(config, scores, ["a", "b"], {})
+    assert vectors.shape == (2, config.input_dim) and abs(vectors[0, 0].item()) < 1e-3  # CC3M mean -> z = 0
+
+
 def test_condition_dropout_rates_and_targets():
     config = training.TrainConfig(metrics=["piqe"])
     kinds = [training.dropout_kind(u, config) for u in np.linspace(0, 1, 10000, endpoint=False)]

@@ -20,7 +20,8 @@ IMAGE_SIZE = 256  # files (and labels) at 4x: the degradations survive the 512x5
 CROP_BOXES = [(40, 40, 240, 240), (260, 40, 460, 240), (40, 300, 240, 500), (260, 300, 460, 500),
               (150, 150, 350, 350), (150, 380, 350, 580)]
 HELD_OUT = 2  # the last crops are held out
-DEGRADATIONS = [("clean", None), ("blur", 2.0), ("blur", 5.0), ("noise", 15.0), ("noise", 45.0), ("jpeg", 20), ("jpeg", 5)]
+# strong enough to survive the 4x downscale to the training resolution
+DEGRADATIONS = [("clean", None), ("blur", 4.0), ("blur", 10.0), ("noise", 40.0), ("noise", 80.0), ("jpeg", 10), ("jpeg", 3)]
 
 
 def photo():
