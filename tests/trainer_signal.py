@@ -89,7 +89,7 @@ def derangement(n: int, seed: int) -> list[int]:
             return order
 
 
-def run(base, work: pathlib.Path, seed: int, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
+def run(base, work: pathlib.Path, seed: int, steps: int = 40, batch_size: int = 4, lr: float = 3e-3,
         eval_draws: int = 2) -> dict:
     """Train on the training crops, return held-out losses with true and shuffled vectors."""
     from accelerate import Accelerator
