@@ -204,7 +204,7 @@ def target_range_problem(value: float, mode: str) -> str | None:
     if not math.isfinite(value):
         return f"{value} is not a finite number"
     if mode == "percentile" and not 0.0 < value < 100.0:
-        return f"percentile {value:g} is outside 1–99 (strictly between 0 and 100)"
+        return f"percentile {value:g} is outside (0, 100); use 1 to 99"
     return None
 
 

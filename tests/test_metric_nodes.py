@@ -56,8 +56,10 @@ def test_score_workflow_equals_pyiqa(comfy_server):
     }
     result = comfy_server.run(prompt, timeout=300)
     assert result.ok, result.error_message()
-    table = result.outputs["3"]["text"][0]
-    assert "piqe (lower better)" in table
+    table = result.outputs["3"]["text"][0]  # Markdown shown on the node, with the metric's direction
+    assert "piqe (↓)" in table and "lower is better" in table and "| 1 |" in table, table
+    (card,) = result.outputs["3"]["images"]  # the score card, previewed by the node
+    assert card["type"] == "temp" and comfy_server.output_file(card).stat().st_size > 0
     rows = [json.loads(line) for line in (comfy_server.output_dir / f"{prefix}.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["metric"] == "piqe" and rows[0]["lower_better"] is True
     expected = pyiqa.create_metric("piqe", device="cpu")(torch.from_numpy(pixels).permute(2, 0, 1)[None]).item()
