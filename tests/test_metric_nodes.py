@@ -32,14 +32,20 @@ def _write_png(path, seed: int, smooth: bool = False):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
 
 
-def test_metric_loader_offers_paper_metrics_first(comfy_server):
+def test_metric_loader_offers_ready_then_paper_metrics_first(comfy_server):
     info = comfy_server.object_info()
     for node in ("IQAMetricLoader", "IQAScore", "IQAAdapterEncodeReference"):
         assert node in info, f"{node} not registered"
     options = info["IQAMetricLoader"]["input"]["required"]["metric"]
     names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
-    assert names[:3] == ["topiq_nr-flive", "topiq_nr", "topiq_nr-spaq"]
-    assert "piqe" in names
+    from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.models.metrics import PAPER_METRICS
+
+    folder = [str(comfy_server.models_dir / "iqa")]
+    ready = [n for n in names if iqa_models.missing_weight_files(n, folder, plan=False) == []]
+    assert "piqe" in ready and names.index("piqe") < names.index("topiq_nr-flive") or "topiq_nr-flive" in ready
+    missing_paper = [n for n in names if n in PAPER_METRICS and n not in ready]
+    assert missing_paper == [n for n in PAPER_METRICS if n not in ready], "the paper's metrics keep their order"
 
 
 def test_score_workflow_equals_pyiqa(comfy_server):

@@ -1,6 +1,6 @@
 // Shows the Markdown text that the pack's nodes return after Run (scores, targets, sweep summary)
 // on the node itself. The host frontend renders node text only on its own Preview Any node.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const NODES = new Set(["IQAScore", "IQASweepReport", "IQAAdapterEncodeTarget", "IQATargetSweep"]);
 const PRESETS = { best: 99, high: 90, good: 75, average: 50, low: 25, worst: 1 };
