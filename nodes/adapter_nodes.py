@@ -31,7 +31,7 @@ _ADAPTER_CACHE_SIZE = 4
 
 
 def _fail(node: str, input_name: str, message: str):
-    raise ValueError(f"{node}: {input_name}: {message}")
+    raise ValueError(presentation.invalid(node, input_name, message))
 
 
 def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
@@ -95,7 +95,7 @@ class IQAAdapterLoader(io.ComfyNode):
     def execute(cls, adapter_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         if path is None:
-            _fail("IQAAdapterLoader", "adapter_name", f"{adapter_name!r} not found in models/{ADAPTER_FOLDER}")
+            _fail("IQAAdapterLoader", "adapter_name", f"{presentation.quoted(adapter_name)} not found in models/{ADAPTER_FOLDER}")
         try:
             adapter = load_adapter_cached(path)
         except ValueError as error:
@@ -365,7 +365,7 @@ class IQAAdapterLoadTokens(io.ComfyNode):
     def execute(cls, file) -> io.NodeOutput:
         path = _token_path(file)
         if path is None:
-            _fail("IQAAdapterLoadTokens", "file", f"{file!r} points outside the input/output folders")
+            _fail("IQAAdapterLoadTokens", "file", f"{presentation.quoted(file)} points outside the input/output folders")
         try:
             tokens = projection.QualityTokens.load(path)
         except ValueError as error:

@@ -101,7 +101,7 @@ def _decoder_source(decoder: str, vae, latent_format):
         return module
     if decoder == "taesd":
         return _taesd_module(latent_format)
-    raise _fail("decoder", f"expected one of {DECODERS}, got {decoder!r}")
+    raise _fail("decoder", f"expected one of {', '.join(DECODERS)}, got {presentation.quoted(decoder)}")
 
 
 def _metric_on(metric, device: torch.device):
@@ -130,16 +130,16 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     try:
         scale = guidance.validate_scale(scale)
     except ValueError:
-        raise _fail("scale", f"expected a finite number, got {scale!r}") from None
+        raise _fail("scale", f"expected a finite number, got {presentation.quoted(scale)}") from None
     for name, value in (("start_at", start_at), ("end_at", end_at)):
         if not (0.0 <= float(value) <= 1.0):
-            raise _fail(name, f"expected a fraction in [0, 1], got {value!r}")
+            raise _fail(name, f"expected a fraction in [0, 1], got {presentation.quoted(value)}")
     if start_at > end_at:
         raise _fail("start_at", f"start_at ({start_at}) must not be after end_at ({end_at})")
     if target not in guidance.TARGETS:
-        raise _fail("target", f"expected one of {guidance.TARGETS}, got {target!r}")
+        raise _fail("target", f"expected one of {', '.join(guidance.TARGETS)}, got {presentation.quoted(target)}")
     if normalization not in guidance.NORMALIZATIONS:
-        raise _fail("normalization", f"expected one of {guidance.NORMALIZATIONS}, got {normalization!r}")
+        raise _fail("normalization", f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {presentation.quoted(normalization)}")
     if int(max_resolution) < 0:
         raise _fail("max_resolution", f"expected 0 (no resize) or a positive size, got {max_resolution}")
     if int(chunk_size) < 1:

@@ -34,7 +34,7 @@ SAVE_FORMATS = ["none", "csv", "json"]
 
 
 def _fail(node: str, input_name: str, message: str):
-    raise ValueError(f"{node}: {input_name}: {message}")
+    raise ValueError(presentation.invalid(node, input_name, message))
 
 
 def metric_folders() -> list[str]:
@@ -136,7 +136,7 @@ class IQAMetricLoader(io.ComfyNode):
     def execute(cls, metric, device, differentiable) -> io.NodeOutput:
         node = "IQAMetricLoader"
         if device not in DEVICES:
-            _fail(node, "device", f"expected one of {DEVICES}, got {device!r}")
+            _fail(node, "device", f"expected one of {', '.join(DEVICES)}, got {presentation.quoted(device)}")
         try:
             loaded = load_metric_for_graph(metric, device, bool(differentiable))
         except iqa_models.MissingMetricWeightsError as error:
@@ -276,7 +276,7 @@ class IQAScore(io.ComfyNode):
                 _fail(node, input_name, f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}")
             metrics.append(value)
         if save_rows not in SAVE_FORMATS:
-            _fail(node, "save_rows", f"expected one of {SAVE_FORMATS}, got {save_rows!r}")
+            _fail(node, "save_rows", f"expected one of {', '.join(SAVE_FORMATS)}, got {presentation.quoted(save_rows)}")
         scores = score_images(metrics, images, reference, int(chunk_size), node)
         table = scores.table()
         if save_rows != "none":

@@ -54,7 +54,8 @@ def did_you_mean(name: str, known) -> str:
 
 
 def invalid(node_id: str, input_name: str, message: str) -> str:
-    """A queue-time validation message (the host puts it in its HTTP 400 under the node's id)."""
+    """'Display Name: input: what was expected' — for queue-time refusals (the host's HTTP 400 lists it under
+    the node's id) and run-time errors alike."""
     return f"{DISPLAY_NAMES.get(node_id, node_id)}: {input_name}: {message}"
 
 

@@ -18,7 +18,7 @@ NODE = "IQAAdapterEncodeReference"
 
 
 def _fail(input_name: str, message: str):
-    raise ValueError(f"{NODE}: {input_name}: {message}")
+    raise ValueError(presentation.invalid(NODE, input_name, message))
 
 
 class IQAAdapterEncodeReference(io.ComfyNode):

@@ -29,7 +29,7 @@ MetricType = io.Custom("IQA_METRIC")
 
 
 def _fail(node: str, input_name: str, message: str):
-    raise ValueError(f"{node}: {input_name}: {message}")
+    raise ValueError(presentation.invalid(node, input_name, message))
 
 
 class IQATargetSweep(io.ComfyNode):
@@ -147,7 +147,7 @@ def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float
         try:
             out[str(metric)] = [float(v) for v in values]
         except (TypeError, ValueError):
-            _fail(node, input_name, f"scores of {metric!r} are not a list of numbers")
+            _fail(node, input_name, f"scores of {presentation.quoted(metric)} are not a list of numbers")
     return out
 
 

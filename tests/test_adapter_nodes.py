@@ -142,7 +142,7 @@ def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapt
         result = comfy_server.run(adapter_graph(txt2img, adapter=name, prefix=f"iqa_bad_{case}"))
         assert not result.ok, case
         message = result.error_message()
-        assert message.startswith("IQAAdapterLoader: IQAAdapterLoader: adapter_name:"), message
+        assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
         assert name in message and expected in message, message
         assert comfy_server.alive()
     assert not marker.exists(), "the malicious pickle ran code"

@@ -83,7 +83,7 @@ def test_score_node_reports_missing_reference(comfy_server):
     }
     result = comfy_server.run(prompt, timeout=300)
     assert not result.ok
-    assert "IQAScore: reference" in result.error_message() and "full-reference" in result.error_message()
+    assert "Quality Score: reference" in result.error_message() and "full-reference" in result.error_message()
 
 
 @pytest.fixture(scope="module")
