@@ -196,9 +196,11 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
         }""" % TINY_WIDGETS, [workflow, tiny])
     page.keyboard.press("Escape")
     _click_run(page)
+    expected = ["piqe", "Spearman rho"] if name == "degradation_sweep" else ["piqe"]
     page.wait_for_function(
-        """() => Array.from(document.querySelectorAll('.iqa-scores')).some(e => e.innerText.includes('piqe'))""",
-        timeout=600_000)
+        """(expected) => expected.every(text => Array.from(document.querySelectorAll('.iqa-scores'))
+                                                .some(e => e.innerText.includes(text)))""",
+        arg=expected, timeout=600_000)
     page.wait_for_timeout(1000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"run_{name}.png"))

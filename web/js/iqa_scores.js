@@ -97,8 +97,10 @@ app.registerExtension({
       if (!text || !text.length) return;
       const widget = scoreWidget(this);
       widget.element.innerHTML = renderMarkdown(Array.isArray(text) ? text.join("\n\n") : text);
+      // room for the table and, below it, the image the node previews (score card, sweep grid)
       const size = this.computeSize();
-      this.setSize([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
+      const preview = message?.images?.length ? 260 : 0;
+      this.setSize([Math.max(this.size[0], size[0], 340), Math.max(this.size[1], size[1] + preview)]);
       this.setDirtyCanvas?.(true, true);
     };
     if (nodeData.name === "IQAAdapterEncodeTarget") {
