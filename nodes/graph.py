@@ -149,9 +149,11 @@ def record_prompt(json_data):
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if isinstance(prompt, dict):
         found = token_batches(prompt)
+        sources = [n for n, node in prompt.items() if isinstance(node, dict) and node.get("class_type") in TOKEN_SOURCES
+                   and isinstance(node.get("inputs"), dict)]
         with _BATCHES_LOCK:
-            for node_id, batches in found.items():
-                _BATCHES[node_id] = (_literal_inputs(prompt[node_id]["inputs"]), batches)
+            for node_id in sources:  # this prompt's facts replace an earlier prompt's, known or not
+                _BATCHES[node_id] = (_literal_inputs(prompt[node_id]["inputs"]), found.get(node_id, []))
             while len(_BATCHES) > _BATCHES_MAX:
                 del _BATCHES[next(iter(_BATCHES))]
     return json_data

@@ -46,6 +46,8 @@ def test_token_batches_follow_the_model_chain(comfy):
     graph.record_prompt({"prompt": quality_prompt(batch=3)})
     assert graph.recorded_batches("11", {"targets": "x"}) == [("5", 3)]
     assert graph.recorded_batches("11", {"targets": "other"}) == []  # another prompt's node 11
+    graph.record_prompt({"prompt": wired})  # the next prompt's node 11: its batch is not literal any more
+    assert graph.recorded_batches("11", {"targets": "x"}) == []
 
 
 def test_score_table_and_card(comfy):
