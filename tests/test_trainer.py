@@ -126,7 +126,9 @@ def test_saved_adapter_reloads_through_the_nodes(base, tiny_checkpoint, tmp_path
 
     (adapter,) = adapter_nodes.IQAAdapterLoader.execute(written.name).args
     assert adapter.descriptor.metric_stats == {"piqe": {"mean": 40.0, "std": 8.0}}
-    (tokens,) = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "piqe=0.7; piqe=-1.2", 0.0, "zscore", 0.0).args
+    (tokens, count) = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "custom", 50.0, "piqe=0.7; piqe=-1.2",
+                                                                  "zscore", 0.0).args
+    assert count == 2
     (patched,) = adapter_nodes.IQAAdapterApply.execute(model, adapter, tokens, 1.0, 0.0, 1.0).args
 
     vectors = torch.tensor([[0.7], [-1.2]])
