@@ -617,7 +617,7 @@ def example_specs() -> dict:
         m = b.add("IQAMetricLoader", 0, {"metric": "topiq_nr"}, title="Score metric", size=[300, 110],
                   group="Models")
         b.add("Note", None, {"text": note})
-        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
+        t = b.add("IQAAdapterEncodeTarget", 1, {"quality": "best", "percentile": 99.0, "targets": ""},
                   {"adapter": (a, 0)}, size=[320, 200], group="Quality target")
         pos, neg = _prompts(b, c, 1, sdxl)
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
@@ -632,8 +632,9 @@ def example_specs() -> dict:
 
     def sdxl(b):
         quality_target(b, SDXL_CKPT, SDXL_ADAPTER, 1024, SDXL_CFG, True,
-                       "An SDXL image at the quality you choose: 'target' is a CC3M percentile of the adapter's "
-                       "metrics (99 = better than 99% of CC3M photos; low targets degrade on purpose). "
+                       "An SDXL image at the quality you choose: pick 'best' ... 'worst', or 'custom' and a CC3M "
+                       "percentile of the adapter's metrics (99 = better than 99% of CC3M photos; low targets "
+                       "degrade on purpose). "
                        + SDXL_DEFAULTS + "\n" + WHERE_ADAPTERS + "\n" + SCORE_NOTE)
 
     def sd15(b):
@@ -709,7 +710,7 @@ def example_specs() -> dict:
             "every step (image 2; the paper's first method). The scores show the guiding metric and a second "
             "one: guidance raises the metric it follows far more than others, and high scales make "
             "adversarial textures.\n" + WHERE_ADAPTERS)})
-        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
+        t = b.add("IQAAdapterEncodeTarget", 1, {"quality": "best", "percentile": 99.0, "targets": ""},
                   {"adapter": (a, 0)}, size=[320, 200], group="Quality target")
         pos, neg = _prompts(b, c, 1, True)
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
