@@ -1,11 +1,14 @@
 """Example workflows: UI format (what a user drags into ComfyUI) <-> API format (what /prompt runs).
 
 The UI files in workflows/ui/ are the source of truth (example_workflows/ links to that folder, so the
-host lists them in its template browser). The API twins in workflows/api/ are generated from them:
+host lists them in its template browser, titled by file name, with <name>.jpg as the thumbnail). They are
+named for people (EXAMPLES); their API twins in workflows/api/ keep short names for scripts and are
+generated from them:
 
-    python scripts/workflow_tools.py convert              # ui/*.json -> api/*.json (needs a server)
+    python scripts/workflow_tools.py convert              # ui/<title>.json -> api/<name>.json (needs a server)
     python scripts/workflow_tools.py check                # validate ui/*.json, fail if api/ is stale
     python scripts/workflow_tools.py author               # (re)write ui/*.json from the specs below
+    python scripts/workflow_tools.py thumbnails           # redraw ui/<title>.jpg (scripts/make_thumbnails.py)
 
 `author` lays each example out in columns, data flowing left to right (loaders, text/conditioning,
 apply/patch, sampler, decode, score/save/report), with realistic node sizes and no overlaps
