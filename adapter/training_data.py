@@ -26,11 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSIONS = ("txt",)
-LABEL_SIZE = 512  # CC3M statistics: images squashed to 512x512
 STATS_QUANTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 
 
@@ -201,9 +199,9 @@ def prepare_image(image, resolution: int) -> PreparedImage:
 
 def cc3m_label_input(image) -> torch.Tensor:
     """(1, 3, 512, 512) in [0, 1]: the whole image squashed as for the CC3M statistics, then clamped."""
-    tensor = pil_to_tensor01(image).unsqueeze(0)
-    tensor = F.interpolate(tensor, size=(LABEL_SIZE, LABEL_SIZE), mode="bilinear", align_corners=False, antialias=True)
-    return tensor.clamp(0.0, 1.0)
+    from .iqa_models import resize_for_scoring  # the one CC3M sizing the whole pack scores with
+
+    return resize_for_scoring(pil_to_tensor01(image).unsqueeze(0), "cc3m")
 
 
 # ---------------------------------------------------------------- label table (resume-safe)
