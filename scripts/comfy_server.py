@@ -185,7 +185,8 @@ class ComfyServer:
         self.post("/interrupt", {})
 
     def output_file(self, image: dict) -> pathlib.Path:
-        base = self.output_dir if image.get("type", "output") == "output" else self.temp_dir
+        # the host keeps previews in <--temp-directory>/temp
+        base = self.output_dir if image.get("type", "output") == "output" else self.temp_dir / "temp"
         return base / image.get("subfolder", "") / image["filename"]
 
 
