@@ -91,7 +91,8 @@ class Progress:
         self._written = 0.0
 
     def worker(self, name: str) -> dict:
-        return self.workers.setdefault(name, {"done": 0, "state": "starting", "since": time.monotonic()})
+        return self.workers.setdefault(name, {"done": 0, "state": "starting", "since": time.monotonic(),
+                                              "ready_at": None})
 
     def add(self, name: str, stored: int, failed: int, execution_s: float | None = None, rows: int = 1) -> None:
         """`execution_s`: the server's time for the batch, which rendered `rows` images."""
@@ -106,7 +107,9 @@ class Progress:
     def snapshot(self, driver_s: float) -> dict:
         now = time.monotonic()
         elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
+        ready = [w["ready_at"] for w in self.workers.values() if w.get("ready_at") is not None]
+        working = elapsed - min(ready) if ready else 0.0  # since the first worker was ready
+        rate = self.done / working if working > 0 else 0.0
         left = self.total - self.done - self.failed
         workers = {}
         for name, entry in self.workers.items():
@@ -116,14 +119,14 @@ class Progress:
             workers[name] = {**{k: v for k, v in entry.items() if k != "since"}, "rate_per_s": round(worker_rate, 4),
                              "eta_s": round(left * share / worker_rate, 1) if worker_rate > 0 else None}
         return {"total": self.total, "done": self.done, "failed": self.failed, "retried_batches": self.retried,
-                "elapsed_s": round(elapsed, 2), "rate_per_s": round(rate, 4),
+                "elapsed_s": round(elapsed, 2), "working_s": round(working, 2), "rate_per_s": round(rate, 4),
                 "eta_s": round(left / rate, 1) if rate > 0 else None,
                 "driver_ms_per_item": round(1000 * driver_s / self.done, 3) if self.done else None,
                 "sampling_ms_per_item": round(1000 * self.sampling_s / self.done, 3) if self.done else None,
                 "workers": workers}
 
     def refresh(self, driver_s: float, force: bool = False) -> None:
-        if not force and time.monotonic() - self._written < 1.0:
+        if not force and time.monotonic() - self._written < 0.5:
             return
         snap = self.snapshot(driver_s)
         self.bar.set_postfix_str("  ".join(f"{n}:{w['done']} {w['rate_per_s']:.2f}/s" for n, w in snap["workers"].items()),
@@ -138,10 +141,10 @@ class Progress:
         return self.snapshot(driver_s)
 
 
-def make_pool(args):
+def make_pool(args, warmup: dict | None):
     from sweep_workers import LocalPool, RayPool
     kwargs = {"metrics": args.metric, "metric_dirs": args.metric_dir, "metric_device": args.metric_device,
-              "timeout": args.timeout}
+              "timeout": args.timeout, "warmup": warmup}
     if args.backend == "ray":
         try:
             import ray  # noqa: F401
@@ -169,7 +172,13 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
     adapter_metrics = None
     idle, busy, dead, workers = [], {}, set(), {}
     directions: dict[str, bool] = {}
-    pool = make_pool(args)
+    warmup = None
+    if args.warmup:  # one image of the first batch: loads the checkpoint, adapter and text encoder
+        first = batches[0]
+        one = sweep_jobs.Batch(first.prompt, first.seed, first.targets[:1],
+                               [sweep_jobs.target_row(first.targets[0], args.targets_text)], first.keys[:1], [0])
+        warmup = sweep_jobs.prepare_graph(api, one, args.mode, None, args.target_node, args.prompt_node)
+    pool = make_pool(args, warmup)
     loop_started = time.perf_counter()
     pool.save_node, pool.score_node = save_node, args.score_node
     interrupted = False
@@ -206,6 +215,7 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
                     entry = progress.worker(name)
                     if entry["state"] == "starting":  # its rate counts from its first ready, not its start-up
                         entry["since"] = time.monotonic()
+                        entry["ready_at"] = round(entry["since"] - progress.started, 2)
                     entry["state"] = "ready"
                     dead.discard(name)
                     idle.append(name)
@@ -213,6 +223,7 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
                 elif kind == "done":
                     batch, result = busy.pop(name), event[3]
                     idle.append(name)
+                    progress.worker(name)["state"] = "idle"
                     if "error" in result:
                         fail(batch, result["error"])
                         continue
@@ -414,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-node", help="id of the node whose images are collected")
     p.add_argument("--max-items", type=int, help="stop after this many new items (resume later)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one batch may take")
+    p.add_argument("--warmup", action="store_true", help="each worker renders one image before its first batch "
+                                                         "(models loaded: the rates then show steady state)")
     p.add_argument("--model-label", default="", help="model name for the report")
     p.add_argument("--adapter-label", default="", help="adapter name for the report")
     p.add_argument("--quiet", action="store_true")

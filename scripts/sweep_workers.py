@@ -77,8 +77,9 @@ def load_scorer(name: str, folders: list[str], device: str = "cpu"):
 
 class SweepWorker:
     def __init__(self, name: str, url: str | None = None, metrics=(), metric_dirs=None, metric_device: str = "cpu",
-                 timeout: float = 1800):
+                 timeout: float = 1800, warmup: dict | None = None):
         self.name = name
+        self.warmup = warmup
         self.host = socket.gethostname()
         self.timeout = timeout
         self.url = url
@@ -96,6 +97,8 @@ class SweepWorker:
         ensure_pack_linked(host_dir())
         self._work_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"iqa-sweep-{self.name}-"))
         self.server = ComfyServer(self._work_dir, host_dir()).start()
+        if self.warmup:  # load the models before the first batch (an error shows again on that batch)
+            self.server.run(self.warmup, timeout=self.timeout)
 
     def info(self) -> dict:
         process = getattr(self.server, "process", None)
@@ -113,15 +116,18 @@ class SweepWorker:
     def render(self, graph: dict, batch: dict, save_node: str, score_node: str | None = None) -> dict:
         """Run one batch. A prompt the server refuses or fails on comes back as {"error": ...}; a dead or
         unreachable server raises ServerLost."""
-        started = time.perf_counter()
         try:
-            result = self.server.run(graph, timeout=self.timeout)
+            return self._render(graph, batch, save_node, score_node)
         except PromptRejected as error:
             return {"error": f"rejected by the server: {error}"}
         except (OSError, RuntimeError) as error:
             if isinstance(error, TimeoutError) or (self.server.alive() and not isinstance(error, urllib.error.URLError)):
                 return {"error": f"{type(error).__name__}: {error}"}
             raise ServerLost(f"worker {self.name}: server {self.server.url} lost: {error}") from None
+
+    def _render(self, graph: dict, batch: dict, save_node: str, score_node: str | None) -> dict:
+        started = time.perf_counter()
+        result = self.server.run(graph, timeout=self.timeout)
         if not result.ok:
             return {"error": result.error_message() or "the server reports an execution error"}
         images = result.images(save_node)
@@ -136,8 +142,9 @@ class SweepWorker:
             for image in images:
                 self.server.output_file(image).unlink(missing_ok=True)
         score_table = result.outputs.get(str(score_node), {}).get("text", [""])[0] if score_node else ""
-        return {"images": out, "score_table": score_table, "prompt_id": result.prompt_id, "execution_s": result.execution_seconds(),
-                "worker_s": time.perf_counter() - started, "worker": self.name, "host": self.host}
+        return {"images": out, "score_table": score_table, "prompt_id": result.prompt_id,
+                "execution_s": result.execution_seconds(), "worker_s": time.perf_counter() - started,
+                "worker": self.name, "host": self.host}
 
     def restart(self) -> None:
         self.stop()
