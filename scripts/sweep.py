@@ -88,6 +88,7 @@ class Progress:
         self.workers: dict[str, dict] = {}
         self.done = self.failed = self.retried = 0
         self.sampling_s = 0.0
+        self.item_s = 0.0  # the driver's work on results and batches (fetch, store, prepare, submit)
         self._written = 0.0
 
     def worker(self, name: str) -> dict:
@@ -122,6 +123,7 @@ class Progress:
                 "elapsed_s": round(elapsed, 2), "working_s": round(working, 2), "rate_per_s": round(rate, 4),
                 "eta_s": round(left / rate, 1) if rate > 0 else None,
                 "driver_ms_per_item": round(1000 * driver_s / self.done, 3) if self.done else None,
+                "driver_item_ms_per_item": round(1000 * self.item_s / self.done, 3) if self.done else None,
                 "sampling_ms_per_item": round(1000 * self.sampling_s / self.done, 3) if self.done else None,
                 "workers": workers}
 
@@ -154,7 +156,7 @@ def make_pool(args, warmup: dict | None):
                        object_store_mb=args.object_store_mb)
     if args.address or args.workers:
         raise SweepError("--address and --workers belong to --backend ray (local: --url URL [URL ...])")
-    return LocalPool(args.url, kwargs)
+    return LocalPool(args.url, {**kwargs, "gpu": args.gpu})
 
 
 def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) -> dict:
@@ -207,7 +209,9 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
             if len(dead) == pool.size and not busy:
                 raise SweepError(f"every worker is gone ({'; '.join(w.get('error', '') for w in workers.values())}); "
                                  "rerun to resume")
-            for event in pool.poll(0.5):
+            polled, waited = time.perf_counter(), pool.waited_s
+            events = pool.poll(0.5)
+            for event in events:
                 kind, name = event[0], event[1]
                 if kind == "ready":
                     workers[name] = {**event[2], "state": "ready", "restarts": workers.get(name, {}).get("restarts", -1) + 1}
@@ -267,6 +271,7 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
                 busy[name] = batch
                 pool.submit(name, graph, batch)
                 progress.worker(name)["state"] = "busy"
+            progress.item_s += time.perf_counter() - polled - (pool.waited_s - waited)  # all but the waiting
             progress.refresh(driver_seconds(loop_started, pool))
     except KeyboardInterrupt:
         interrupted = True
@@ -415,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend = p.add_argument_group("where it runs")
     backend.add_argument("--backend", choices=["local", "ray"], default="local")
     backend.add_argument("--url", nargs="+", help="local: running ComfyUI servers (default: start one)")
+    backend.add_argument("--gpu", action="store_true", help="local: start the server on the GPU (default: CPU)")
     backend.add_argument("--address", help="ray: a running cluster ('auto', or host:port); default: start a local one")
     backend.add_argument("--workers", type=int, help="ray: number of workers (default: one per GPU, else 1)")
     backend.add_argument("--max-restarts", type=int, default=3, help="ray: restarts of a worker whose server dies")

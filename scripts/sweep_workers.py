@@ -55,6 +55,17 @@ def download(server_url: str, image: dict) -> bytes:
         return response.read()
 
 
+def rejection_text(error: PromptRejected) -> str:
+    """'KSampler (node 5) seed: Value -1 smaller than min of 0' from the server's validation answer."""
+    parts = []
+    for node_id, node in (error.body.get("node_errors") or {}).items():
+        for item in node.get("errors", []):
+            parts.append(f"{node.get('class_type', '?')} (node {node_id}) {item.get('details', '')}: "
+                         f"{item.get('message', '')}".replace(" :", ":"))
+    message = (error.body.get("error") or {}).get("message") if isinstance(error.body.get("error"), dict) else None
+    return "; ".join(parts) or message or str(error)
+
+
 def load_scorer(name: str, folders: list[str], device: str = "cpu"):
     """PNG bytes -> score with the pack's pyiqa loader (nothing downloaded; weights from `folders`)."""
     import io
@@ -77,8 +88,9 @@ def load_scorer(name: str, folders: list[str], device: str = "cpu"):
 
 class SweepWorker:
     def __init__(self, name: str, url: str | None = None, metrics=(), metric_dirs=None, metric_device: str = "cpu",
-                 timeout: float = 1800, warmup: dict | None = None):
+                 timeout: float = 1800, warmup: dict | None = None, gpu: bool = False):
         self.name = name
+        self.gpu = gpu
         self.warmup = warmup
         self.host = socket.gethostname()
         self.timeout = timeout
@@ -96,7 +108,7 @@ class SweepWorker:
             return
         ensure_pack_linked(host_dir())
         self._work_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"iqa-sweep-{self.name}-"))
-        self.server = ComfyServer(self._work_dir, host_dir()).start()
+        self.server = ComfyServer(self._work_dir, host_dir(), cpu=not self.gpu).start()
         if self.warmup:  # load the models before the first batch (an error shows again on that batch)
             self.server.run(self.warmup, timeout=self.timeout)
 
@@ -119,7 +131,7 @@ class SweepWorker:
         try:
             return self._render(graph, batch, save_node, score_node)
         except PromptRejected as error:
-            return {"error": f"rejected by the server: {error}"}
+            return {"error": f"rejected by the server: {rejection_text(error)}"}
         except (OSError, RuntimeError) as error:
             if isinstance(error, TimeoutError) or (self.server.alive() and not isinstance(error, urllib.error.URLError)):
                 return {"error": f"{type(error).__name__}: {error}"}
@@ -263,9 +275,10 @@ class RayPool:
                      runtime_env=runtime_env, log_to_driver=False)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or 1
-        per_worker = {"num_gpus": 1} if gpus and not workers else {"num_cpus": 1}
+        per_worker = {"num_gpus": 1, "num_cpus": 0} if gpus and not workers else {"num_cpus": 1}
         # two threads: interrupt() and stop() get through while render() runs
         actor = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=2)(RayWorker)
+        worker_kwargs = {**worker_kwargs, "gpu": "num_gpus" in per_worker}  # Ray gives each its own GPU
         self.actors = {f"w{i}": actor.options(**per_worker).remote(f"w{i}", **worker_kwargs) for i in range(count)}
         self.size = count
         self.waited_s = 0.0
