@@ -95,10 +95,10 @@ class Progress:
         return self.workers.setdefault(name, {"done": 0, "state": "starting", "since": time.monotonic(),
                                               "ready_at": None})
 
-    def add(self, name: str, stored: int, failed: int, execution_s: float | None = None, rows: int = 1) -> None:
+    def add(self, name: str | None, stored: int, failed: int, execution_s: float | None = None, rows: int = 1) -> None:
         """`execution_s`: the server's time for the batch, which rendered `rows` images."""
-        entry = self.worker(name)
-        entry["done"] += stored
+        if name is not None:
+            self.worker(name)["done"] += stored
         self.done += stored
         self.failed += failed
         if execution_s and stored:
@@ -191,7 +191,7 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
     def fail(batch, error: str) -> None:
         for index in batch.wanted:
             store.add_failure(batch.keys[index], item_record(batch, index, None), error)
-        progress.add("-", 0, len(batch.wanted))
+        progress.add(None, 0, len(batch.wanted))
         print(f"\n[sweep] batch {batch.id} (prompt {batch.prompt!r}, seed {batch.seed}) failed: {error[:500]}",
               file=sys.stderr)
 

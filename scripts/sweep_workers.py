@@ -133,7 +133,10 @@ class SweepWorker:
         except PromptRejected as error:
             return {"error": f"rejected by the server: {rejection_text(error)}"}
         except (OSError, RuntimeError) as error:
-            if isinstance(error, TimeoutError) or (self.server.alive() and not isinstance(error, urllib.error.URLError)):
+            # a refused or reset connection: the server is gone (or going: a killed process is reaped later)
+            connection = isinstance(error, (ConnectionError, urllib.error.URLError)) and \
+                not isinstance(error, urllib.error.HTTPError)
+            if isinstance(error, TimeoutError) or (self.server.alive() and not connection):
                 return {"error": f"{type(error).__name__}: {error}"}
             raise ServerLost(f"worker {self.name}: server {self.server.url} lost: {error}") from None
 
@@ -283,10 +286,104 @@ class RayPool:
         self.size = count
         self.waited_s = 0.0
         self.refs: dict = {}  # ObjectRef -> (kind, worker, batch)
-        self.info_failures = {name: 0 for name in self.actors}
-        self.max_restarts = max_restarts
+        self.ask_again: dict[str, float] = {}  # worker -> when to ask a restarting actor whether it is up
         for name in self.actors:
             self._ask_ready(name)
+
+    def _ask_ready(self, name: str) -> None:
+        self.refs[self.actors[name].info.remote()] = ("ready", name, None)
+
+    def adapter_metrics(self, name: str, adapter: str) -> list[str]:
+        return self.ray.get(self.actors[name].adapter_metrics.remote(adapter))
+
+    def submit(self, name: str, graph: dict, batch) -> None:
+        self.refs[self.actors[name].render.remote(graph, batch.to_dict(), self.save_node, self.score_node)] = \
+            ("done", name, batch)
+
+    def poll(self, timeout: float) -> list[tuple]:
+        now = time.monotonic()
+        for name, due in list(self.ask_again.items()):
+            if due <= now:
+                del self.ask_again[name]
+                self._ask_ready(name)
+        started = time.perf_counter()
+        if not self.refs:
+            time.sleep(timeout)
+            self.waited_s += time.perf_counter() - started
+            return []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        self.waited_s += time.perf_counter() - started
+        events = []
+        errors = self.ray.exceptions
+        for ref in ready:
+            kind, name, batch = self.refs.pop(ref)
+            try:
+                value = self.ray.get(ref)
+            except (errors.RayActorError, errors.ActorUnavailableError) as error:
+                reason = str(error).splitlines()[0]
+                if kind == "done":  # the actor died or is restarting: its batch goes back to the queue
+                    events.append(("lost", name, batch, reason))
+                if isinstance(error, errors.ActorDiedError) and kind == "ready":
+                    events.append(("dead", name, reason))  # no restarts left
+                else:
+                    self.ask_again[name] = time.monotonic() + 2.0
+                continue
+            except errors.RayTaskError as error:
+                reason = str(error).splitlines()[-1]
+                events.append(("lost", name, batch, reason) if kind == "done" else ("dead", name, reason))
+                continue
+            events.append((kind, name, value) if kind == "ready" else (kind, name, batch, value))
+        return events
+
+    def close(self, interrupted: bool = False) -> None:
+        if interrupted:
+            for worker in list(self.workers.values()):
+                worker.interrupt()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for worker in self.workers.values():
+            worker.stop()
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+class RayWorker(SweepWorker):
+    """The actor: a server death ends the process, so that Ray restarts the actor with a fresh server."""
+
+    def render(self, graph: dict, batch: dict, save_node: str, score_node: str | None = None) -> dict:
+        try:
+            return super().render(graph, batch, save_node, score_node)
+        except ServerLost:
+            self.stop()
+            os._exit(1)
+
+
+class RayPool:
+    """One actor per worker on a Ray cluster: --address to join one, else a small local one started here."""
+
+    def __init__(self, address: str | None, workers: int | None, worker_kwargs: dict, max_restarts: int = 3,
+                 object_store_mb: int = 200):
+        import ray
+        self.ray = ray
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+            [str(SCRIPTS), *filter(None, [os.environ.get("PYTHONPATH")])])}}
+        for name in ("IQA_COMFYUI_DIR",):
+            if os.environ.get(name):
+                runtime_env["env_vars"][name] = os.environ[name]
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers or 1, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+                     runtime_env=runtime_env, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = workers or gpus or 1
+        per_worker = {"num_gpus": 1, "num_cpus": 0} if gpus and not workers else {"num_cpus": 1}
+        # two threads: interrupt() and stop() get through while render() runs
+        actor = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=2)(RayWorker)
+        worker_kwargs = {**worker_kwargs, "gpu": "num_gpus" in per_worker}  # Ray gives each its own GPU
+        self.actors = {f"w{i}": actor.options(**per_worker).remote(f"w{i}", **worker_kwargs) for i in range(count)}
+        self.size = count
+        self.waited_s = 0.0
+        self.refs: dict = {}  # ObjectRef -> (kind, worker, batch)
 
     def _ask_ready(self, name: str) -> None:
         self.refs[self.actors[name].info.remote()] = ("ready", name, None)
