@@ -300,7 +300,9 @@ def write_report(records: list[dict], out_dir: pathlib.Path, meta: dict, directi
     records = sorted(records, key=lambda r: (r["prompt"], r["seed"], r["target"]))
     mode = records[0]["mode"]
     metrics = sorted({m for r in records for m in r["scores"]})
-    targets = sweep.SweepTargets(mode, sorted({r["row"].split("=")[0] for r in records}),
+    swept = sorted({"(all adapter metrics)" if r["row"].startswith(f"{sweep_jobs.ALL_METRICS}=") else r["row"]
+                    .split("=")[0] for r in records})
+    targets = sweep.SweepTargets(mode, swept,
                                  [r["target"] for r in records], [{} for _ in records], "given", [])
     scores = {m: [r["scores"].get(m, float("nan")) for r in records] for m in metrics}
     groups = [f"{r['prompt'][:30]} / seed {r['seed']}" for r in records]

@@ -111,7 +111,7 @@ def test_ray_sweep_survives_a_dead_server_and_matches_one_server(tmp_path):
     assert len(records) == ITEMS and {r["status"] for r in records} == {"ok"}  # every item exactly once
     assert {r["key"] for r in records} == set(reference)
     assert all(r["host"] and r["worker"] in ("w0", "w1") for r in records)
-    assert len({r["worker"] for r in records}) == 2
+    assert any(r["worker"] != busy[0] for r in records)  # the victim's batch was done elsewhere (or after restart)
     differing = [r["key"] for r in records if _pixels(spread, r) != _pixels(one, reference[r["key"]])]
     assert not differing, f"{len(differing)} images differ from the one-server run"
     rows = list(csv.DictReader(open(spread / "sweep.csv")))
