@@ -146,7 +146,7 @@ class Progress:
 def make_pool(args, warmup: dict | None):
     from sweep_workers import LocalPool, RayPool
     kwargs = {"metrics": args.metric, "metric_dirs": args.metric_dir, "metric_device": args.metric_device,
-              "timeout": args.timeout, "warmup": warmup}
+              "timeout": args.timeout, "warmup": warmup, "threads": args.threads}
     if args.backend == "ray":
         try:
             import ray  # noqa: F401
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--gpu", action="store_true", help="local: start the server on the GPU (default: CPU)")
     backend.add_argument("--address", help="ray: a running cluster ('auto', or host:port); default: start a local one")
     backend.add_argument("--workers", type=int, help="ray: number of workers (default: one per GPU, else 1)")
+    backend.add_argument("--threads", type=int, help="CPU threads of each server started here (default: torch's; "
+                                                    "one thread count for a whole study keeps images identical)")
     backend.add_argument("--max-restarts", type=int, default=3, help="ray: restarts of a worker whose server dies")
     backend.add_argument("--object-store-mb", type=int, default=200, help="ray: object store of a local cluster")
     backend.add_argument("--max-attempts", type=int, default=3, help="tries of a batch whose worker is lost")

@@ -88,8 +88,9 @@ def load_scorer(name: str, folders: list[str], device: str = "cpu"):
 
 class SweepWorker:
     def __init__(self, name: str, url: str | None = None, metrics=(), metric_dirs=None, metric_device: str = "cpu",
-                 timeout: float = 1800, warmup: dict | None = None, gpu: bool = False):
+                 timeout: float = 1800, warmup: dict | None = None, gpu: bool = False, threads: int | None = None):
         self.name = name
+        self.threads = threads
         self.gpu = gpu
         self.warmup = warmup
         self.host = socket.gethostname()
@@ -107,6 +108,8 @@ class SweepWorker:
             self.server.get("/system_stats", timeout=30)  # fail early on a wrong URL
             return
         ensure_pack_linked(host_dir())
+        if self.threads:
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
         self._work_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"iqa-sweep-{self.name}-"))
         self.server = ComfyServer(self._work_dir, host_dir(), cpu=not self.gpu).start()
         if self.warmup:  # load the models before the first batch (an error shows again on that batch)
@@ -250,6 +253,12 @@ class LocalPool:
 
 class RayWorker(SweepWorker):
     """The actor: a server death ends the process, so that Ray restarts the actor with a fresh server."""
+
+    def __init__(self, *args, **kwargs):
+        # Ray sets OMP_NUM_THREADS=1 in its workers; the server would inherit it and, with another thread
+        # count than a server started by hand, sum in another order: images off by one level here and there
+        os.environ.pop("OMP_NUM_THREADS", None)
+        super().__init__(*args, **kwargs)
 
     def render(self, graph: dict, batch: dict, save_node: str, score_node: str | None = None) -> dict:
         try:
