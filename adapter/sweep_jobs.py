@@ -145,13 +145,18 @@ def prepare_graph(api: dict, batch: Batch, mode: str, adapter_metrics: list[str]
     target_nodes = target_nodes or find_nodes(graph, {"IQAAdapterEncodeTarget"})
     if not target_nodes:
         raise SweepError("the workflow has no IQAAdapterEncodeTarget node (pass --target-node)")
-    single_all = len(batch.rows) == 1 and batch.rows[0].startswith(f"{ALL_METRICS}=")
+    all_metrics = batch.rows[0].startswith(f"{ALL_METRICS}=")
+    if all_metrics and mode != "percentile":
+        raise SweepError(f"--mode {mode} needs --targets-text (the quality slider is a percentile)")
     for node_id in target_nodes:
         inputs = graph[node_id]["inputs"]
-        if single_all:  # no metric names needed: the node's own 'target' covers every metric
-            inputs["targets"], inputs["target"] = "", float(batch.targets[0])
+        inputs["quality"] = "custom"
+        if all_metrics and len(batch.rows) == 1:  # no metric names needed: the slider covers every metric
+            inputs["targets"], inputs["percentile"] = "", float(batch.targets[0])
         else:
             inputs["targets"] = rows_text(batch.rows, adapter_metrics)
+            inputs["percentile"] = 50.0  # metrics a --targets-text row leaves out stay at the median
+        inputs.pop("target", None)  # the node's input before the quality slider
         inputs["mode"] = mode
     graph[prompt_node or find_prompt_node(graph)]["inputs"]["text"] = batch.prompt
     seeded = 0

@@ -39,7 +39,8 @@ def workflow(args) -> dict:
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": args.size, "height": args.size, "batch_size": 1}},
         "a": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": args.adapter}},
         "t": {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-            "adapter": ["a", 0], "targets": "", "target": 50.0, "mode": "percentile", "negative_scale": 0.0}},
+            "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
+            "negative_scale": 0.0}},
         "ap": {"class_type": "IQAAdapterApply", "inputs": {
             "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}},
         "5": {"class_type": "KSampler", "inputs": {

@@ -20,8 +20,9 @@ Failures: a batch the server rejects is recorded with its error and the sweep go
 dies is restarted and its batch retried (on any worker, --max-attempts times).
 
 How the nodes of your workflow are found (override with the --*-node options, by node id):
-  * targets: every IQAAdapterEncodeTarget gets one row per target: all of the adapter's metrics at the value
-    (mode=--mode), or with --targets-text the text with '{t}' replaced by the value ("topiq_nr={t}, laion_aes=50");
+  * targets: every IQAAdapterEncodeTarget gets quality="custom" and one row per target: all of the adapter's
+    metrics at that percentile; or, with --targets-text, the text with '{t}' replaced by the value
+    (e.g. "topiq_nr={t}, laion_aes=50") in --mode units, metrics it leaves out at percentile 50;
   * prompt: the CLIPTextEncode whose title contains "positive" (case-insensitive), else the one wired
     to the sampler's `positive` input;
   * seed: the `seed` / `noise_seed` input of every sampler (KSampler, KSamplerAdvanced, RandomNoise, ...);

@@ -127,7 +127,8 @@ def api_prompt_target_sweep(steps=2, size=64):
     workflow["2"]["_meta"] = {"title": "Positive prompt"}
     workflow["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}}
     workflow["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["a", 0], "targets": "", "target": 50.0, "mode": "percentile", "negative_scale": 0.0}}
+        "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
+        "negative_scale": 0.0}}
     workflow["ap"] = {"class_type": "IQAAdapterApply", "inputs": {
         "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}}
     workflow["5"]["inputs"]["model"] = ["ap", 0]

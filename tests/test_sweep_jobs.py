@@ -50,7 +50,7 @@ def _adapter_graph():
     graph = api_prompt_txt2img()
     graph["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "x.safetensors"}}
     graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["a", 0], "targets": "old", "target": 1.0, "mode": "raw", "negative_scale": 0.0}}
+        "adapter": ["a", 0], "quality": "high", "percentile": 1.0, "targets": "old", "mode": "raw", "negative_scale": 0.0}}
     return graph
 
 
@@ -67,10 +67,13 @@ def test_prepare_graph_renders_one_batch_per_prompt():
     with pytest.raises(SweepError, match="metric names"):
         sweep_jobs.prepare_graph(graph, batch, "percentile", None)
     single = sweep_jobs.plan(WF, ["a dog"], [11], [30], "percentile", None, [], 8)[0]
-    inputs = sweep_jobs.prepare_graph(graph, single, "zscore")["t"]["inputs"]
-    assert (inputs["targets"], inputs["target"], inputs["mode"]) == ("", 30.0, "zscore")
+    inputs = sweep_jobs.prepare_graph(graph, single, "percentile")["t"]["inputs"]
+    assert (inputs["quality"], inputs["targets"], inputs["percentile"], inputs["mode"]) == ("custom", "", 30.0, "percentile")
+    with pytest.raises(SweepError, match="--targets-text"):  # the slider is a percentile
+        sweep_jobs.prepare_graph(graph, single, "zscore")
     text = sweep_jobs.plan(WF, ["a dog"], [11], [5, 6], "raw", "piqe={t}", [], 8)[0]
-    assert sweep_jobs.prepare_graph(graph, text, "raw")["t"]["inputs"]["targets"] == "piqe=5; piqe=6"
+    inputs = sweep_jobs.prepare_graph(graph, text, "raw")["t"]["inputs"]
+    assert (inputs["targets"], inputs["percentile"], inputs["mode"]) == ("piqe=5; piqe=6", 50.0, "raw")
     del graph["t"]
     with pytest.raises(SweepError, match="IQAAdapterEncodeTarget"):
         sweep_jobs.prepare_graph(graph, batch, "percentile", ["piqe"])
