@@ -33,17 +33,17 @@ def host_name() -> str:
     return os.environ.get("IQA_TEST_HOST", "").strip() or "default"
 
 
-def host_dir() -> pathlib.Path:
-    """The one place that says where the selected host lives (IQA_COMFYUI_DIR overrides it)."""
-    if os.environ.get("IQA_COMFYUI_DIR"):
+def host_dir(name: str | None = None) -> pathlib.Path:
+    """The one place that says where a host lives: the selected one (IQA_COMFYUI_DIR overrides it) or `name`."""
+    if name is None and os.environ.get("IQA_COMFYUI_DIR"):
         return pathlib.Path(os.environ["IQA_COMFYUI_DIR"]).resolve()
-    name = host_name()
+    name = name or host_name()
     return (DEFAULT_HOST_DIR if name == "default" else HOSTS_DIR / name / "ComfyUI").resolve()
 
 
-def host_python() -> str:
-    """The Python of the selected host's venv (each host has its own requirements)."""
-    name = host_name()
+def host_python(name: str | None = None) -> str:
+    """The Python of a host's venv, the selected one by default (each host has its own requirements)."""
+    name = name or host_name()
     venv = PACK_ROOT / ".venv" if name == "default" else HOSTS_DIR / name / "venv"
     venv_python = venv / "bin" / "python"
     return str(venv_python) if venv_python.exists() else sys.executable

@@ -321,3 +321,14 @@ def test_selected_host_is_the_one_running(comfy_server, host_dir, host_version):
     stats = comfy_server.get("/system_stats")
     served = stats.get("system", {}).get("comfyui_version", "")
     assert served.startswith(".".join(map(str, host_version))), (served, host_version)
+
+
+def test_host_is_inside_the_declared_range(host_version):
+    """pyproject's requires-comfyui states exactly the tested range: every host the tests run lies in it."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    declared = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]
+    version = ".".join(map(str, host_version))
+    assert version in SpecifierSet(declared), f"ComfyUI {version} is tested but outside requires-comfyui {declared}"
