@@ -225,6 +225,8 @@ def _call_shapes():
         "comfy.model_management.throw_exception_if_processing_interrupted":
             (mm.throw_exception_if_processing_interrupted, (), {}),
         "comfy.model_management.unet_offload_device": (mm.unet_offload_device, (), {}),
+        "comfy.model_management.get_torch_device": (mm.get_torch_device, (), {}),
+        "ModelPatcher.add_callback": (mp.ModelPatcher.add_callback, (x, x, x), {}),
         "comfy.model_patcher.ModelPatcher": (mp.ModelPatcher, (x,), {"load_device": x, "offload_device": x}),
         "ModelPatcher.clone": (mp.ModelPatcher.clone, (x,), {}),
         "ModelPatcher.get_model_object": (mp.ModelPatcher.get_model_object, (x, x), {}),
@@ -246,7 +248,8 @@ PINNED_CALLS = sorted(
      "folder_paths.get_save_image_path", "folder_paths.annotated_filepath",
      "comfy.model_management.free_memory", "comfy.model_management.load_models_gpu",
      "comfy.model_management.throw_exception_if_processing_interrupted",
-     "comfy.model_management.unet_offload_device", "comfy.model_patcher.ModelPatcher", "ModelPatcher.clone",
+     "comfy.model_management.unet_offload_device", "comfy.model_management.get_torch_device",
+     "comfy.model_patcher.ModelPatcher", "ModelPatcher.clone", "ModelPatcher.add_callback",
      "ModelPatcher.get_model_object", "ModelPatcher.set_model_attn2_replace",
      "ModelPatcher.set_model_sampler_post_cfg_function", "comfy.utils.ProgressBar",
      "ProgressBar.update_absolute", "comfy.utils.load_torch_file", "comfy.taesd.taesd.TAESD",
@@ -268,8 +271,12 @@ def test_every_host_call_in_the_pack_is_pinned(comfy):
     """A new comfy.* / folder_paths.* call in nodes/ must be added to PINNED_CALLS (with the call's shape)."""
     assert sorted(_call_shapes()) == PINNED_CALLS
     pinned = {name.rsplit(".", 1)[-1] for name in PINNED_CALLS}
-    attributes = {"models_dir", "folder_names_and_paths"}  # read, not called; used by every test run
-    modules = {"model_management", "model_patcher", "utils", "taesd", "ldm", "modules", "attention"}
+    import comfy.patcher_extension
+
+    assert comfy.patcher_extension.CallbacksMP.ON_CLONE  # read, not called
+    attributes = {"models_dir", "folder_names_and_paths", "CallbacksMP"}  # read, not called
+    modules = {"model_management", "model_patcher", "utils", "taesd", "ldm", "modules", "attention",
+               "patcher_extension"}
     calls = set()
     for path in (PACK_ROOT / "nodes").glob("*.py"):
         calls |= set(re.findall(r"\b(?:folder_paths|comfy\.[a-z_]+(?:\.[a-z_]+)*)\.([A-Za-z_]\w*)\b",
