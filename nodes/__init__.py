@@ -3,7 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import adapter_nodes, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
+from . import adapter_nodes, graph, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
 
 NODE_MODULES = [
     adapter_nodes,
@@ -16,6 +16,8 @@ NODE_MODULES = [
 # Hosts before 0.14 never call ComfyExtension.on_load: register folders when the layer is imported too
 # (registration is idempotent).
 paths.register_model_folders()
+# Rows-vs-batch checks at queue time need the whole prompt, which node validation does not see.
+graph.register_prompt_hook()
 
 
 class IQAAdapterExtension(ComfyExtension):

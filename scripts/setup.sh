@@ -134,8 +134,9 @@ hvenv_dir="$(dirname "$(dirname "$py")")"
 # 3. host and pack requirements. torch is pinned by a constraint so that nothing replaces it; the
 #    host's torch/torchvision/torchaudio lines give way to the pinned builds (torchaudio only where the
 #    host lists it: comfy.sd imports it on hosts >= 0.20)
-extras=""; [ "${IQA_SETUP_TEST:-0}" = 1 ] && extras="$root/requirements-dev.txt"
-req_hash="$(cat "$comfy/requirements.txt" "$root/requirements.txt" $extras | sha1sum | cut -c1-16)-2"
+extras=""; [ "${IQA_SETUP_TEST:-0}" = 1 ] && extras="$root/requirements-dev.txt"  # (it includes requirements-train.txt)
+req_hash="$(cat "$comfy/requirements.txt" "$root/requirements.txt" ${extras:+"$extras" "$root/requirements-train.txt"} \
+  | sha1sum | cut -c1-16)-2"
 if ! stamp_ok "$hvenv_dir/.req-stamp" "$req_hash"; then
   log "installing the requirements of $(basename "$(dirname "$comfy")")/ComfyUI and of the pack into $hvenv_dir"
   host_reqs="$hvenv_dir/.host-requirements.txt"
