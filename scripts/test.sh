@@ -9,7 +9,7 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-second_host_tarball="$root/../shared/hosts/ComfyUI-0.33.0.tar.gz"
+second_host_tarball="${IQA_SHARED_DIR:-$root/../shared}/hosts/ComfyUI-0.33.0.tar.gz"  # IQA_SHARED_DIR: another place
 second_host="0.33.0"
 newest_frontend="1.58.1"
 second_host_tests=(tests/test_host_contract.py tests/test_workflows.py tests/test_adapter_nodes.py
