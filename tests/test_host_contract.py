@@ -206,6 +206,7 @@ def _call_shapes():
     import comfy.ldm.modules.attention as attention
     import comfy.model_management as mm
     import comfy.model_patcher as mp
+    import comfy.sd as sd
     import comfy.taesd.taesd as taesd
     import comfy.utils as utils
     import folder_paths as fp
@@ -236,6 +237,8 @@ def _call_shapes():
         "comfy.utils.ProgressBar": (utils.ProgressBar, (x,), {}),
         "ProgressBar.update_absolute": (utils.ProgressBar.update_absolute, (x, x, x), {}),
         "comfy.utils.load_torch_file": (utils.load_torch_file, (x,), {"safe_load": True}),
+        "comfy.sd.load_checkpoint_guess_config": (
+            sd.load_checkpoint_guess_config, (x,), {"output_vae": True, "output_clip": True, "embedding_directory": None}),
         "comfy.taesd.taesd.TAESD": (taesd.TAESD, (), {"latent_channels": x}),
         "comfy.ldm.modules.attention.optimized_attention":
             (attention.optimized_attention, (x, x, x, x), {"attn_precision": x, "transformer_options": x}),
@@ -253,6 +256,7 @@ PINNED_CALLS = sorted(
      "ModelPatcher.get_model_object", "ModelPatcher.set_model_attn2_replace",
      "ModelPatcher.set_model_sampler_post_cfg_function", "comfy.utils.ProgressBar",
      "ProgressBar.update_absolute", "comfy.utils.load_torch_file", "comfy.taesd.taesd.TAESD",
+     "comfy.sd.load_checkpoint_guess_config",
      "comfy.ldm.modules.attention.optimized_attention"])
 
 
@@ -276,7 +280,7 @@ def test_every_host_call_in_the_pack_is_pinned(comfy):
     assert comfy.patcher_extension.CallbacksMP.ON_CLONE  # read, not called
     attributes = {"models_dir", "folder_names_and_paths", "CallbacksMP"}  # read, not called
     modules = {"model_management", "model_patcher", "utils", "taesd", "ldm", "modules", "attention",
-               "patcher_extension"}
+               "patcher_extension", "sd"}
     calls = set()
     for path in (PACK_ROOT / "nodes").glob("*.py"):
         calls |= set(re.findall(r"\b(?:folder_paths|comfy\.[a-z_]+(?:\.[a-z_]+)*)\.([A-Za-z_]\w*)\b",
@@ -288,26 +292,31 @@ def test_every_host_call_in_the_pack_is_pinned(comfy):
 # ------------------------------------------------------------------ validation of combo values
 
 def test_bad_combo_value_is_rejected_where_this_host_rejects_it(comfy_server, host_version):
-    """0.33.0 rejects a combo value outside the options at validation (HTTP 400 value_not_in_list);
-    0.3.75 runs the node, whose own check names the node, the input and the choices."""
-    encode = comfy_server.object_info()["IQAAdapterEncodeTarget"]["input"]["required"]
-    prompt = {"1": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "no_such_adapter.safetensors"}},
-              "2": {"class_type": "IQAAdapterEncodeTarget",
-                    "inputs": {"adapter": ["1", 0], **{name: _default(spec) for name, spec in encode.items()
-                                                         if name != "adapter"}}},
-              "3": {"class_type": "IQAAdapterSaveTokens",
-                    "inputs": {"tokens": ["2", 0], "filename_prefix": "iqa_tokens/contract"}}}
+    """A combo value outside the options, on an input no validate_inputs of ours takes (IQAScore.save_rows):
+    0.33.0 rejects it at validation (HTTP 400 value_not_in_list); 0.3.75 runs the node, whose own check
+    names the node, the input and the choices."""
+    info = comfy_server.object_info()
+
+    def inputs(kind, **given):
+        required = info[kind]["input"]["required"]
+        return {**{name: _default(spec) for name, spec in required.items() if name not in given}, **given}
+
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": inputs("EmptyImage", width=64, height=64, batch_size=1)},
+              "2": {"class_type": "IQAMetricLoader", "inputs": inputs("IQAMetricLoader", metric="piqe", device="cpu")},
+              "3": {"class_type": "IQAScore", "inputs": inputs("IQAScore", images=["1", 0], metric=["2", 0],
+                                                               save_rows="no_such_format")}}
     if host_version >= (0, 33, 0):
         with pytest.raises(PromptRejected) as rejected:
             comfy_server.queue(prompt)
         assert rejected.value.code == 400
-        errors = rejected.value.body.get("node_errors", {}).get("1", {}).get("errors", [])
-        assert [e["type"] for e in errors] == ["value_not_in_list"], rejected.value.body
+        errors = rejected.value.body.get("node_errors", {}).get("3", {}).get("errors", [])
+        assert [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [("value_not_in_list", "save_rows")], \
+            rejected.value.body
     elif host_version <= (0, 3, 75):
         result = comfy_server.run(prompt)
         assert result.status == "error", result.status
         message = result.error_message()
-        assert "IQAAdapterLoader" in message and "no_such_adapter.safetensors" in message, message
+        assert "IQAScore" in message and "save_rows" in message and "no_such_format" in message, message
     else:
         pytest.skip(f"SKIPPED LOUDLY: combo validation not measured on ComfyUI {host_version}; "
                     "add its behaviour here")
