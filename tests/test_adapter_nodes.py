@@ -159,7 +159,8 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.ones(2))
     with torch.no_grad():
         patched.model.apply_model(x, torch.ones(2), c_crossattn=context, transformer_options=options)
-    assert patched is not model and len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 7
+    installed = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert patched is not model and len({id(patch) for patch in installed.values()}) == 7
     assert model.model_options == options_before
     state_after = model.model.state_dict()
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
