@@ -30,6 +30,7 @@ def _load_by_path(name: str, path: pathlib.Path):
 _load_by_path("iqa_pack_loader", PACK_ROOT / "scripts" / "_pack.py").load_pack()
 comfy_server_module = _load_by_path("iqa_comfy_server", PACK_ROOT / "scripts" / "comfy_server.py")
 ComfyServer = comfy_server_module.ComfyServer
+third_party = _load_by_path("third_party", TESTS_DIR / "third_party.py")
 PromptRejected = comfy_server_module.PromptRejected
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -87,6 +88,7 @@ def tiny_checkpoint(comfy, host_dir):
 def comfy_server(host_dir, pytestconfig):
     """One real ComfyUI server for the whole session, with the pack linked into custom_nodes/."""
     comfy_server_module.ensure_pack_linked(host_dir)
+    third_party.install_ipadapter(host_dir)  # another pack beside ours, as users run it (test fixture)
     work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-comfy-"))
     server = ComfyServer(work, host_dir)
     server.start()

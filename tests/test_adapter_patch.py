@@ -41,6 +41,8 @@ def build_small_model(comfy, config_class: str, unet_config: dict, seed: int = 0
                 param.copy_(torch.randn_like(param) / param[0].numel() ** 0.5)
             elif name.endswith("bias"):
                 param.copy_(torch.randn_like(param) * 0.02)
+            else:  # norm scales: the model is built on empty memory, leaving them would leave garbage (NaN)
+                param.fill_(1.0)
     base.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
