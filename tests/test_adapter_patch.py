@@ -290,3 +290,17 @@ def test_adapter_for_another_base_model_is_refused(comfy, tiny):
         adapter_patch.apply_iqa_adapter(ssd, sdxl_adapter, tokens_for(sdxl_adapter, [[1.0, 1.0]]), 1.0)
     with pytest.raises(ValueError, match="IQAAdapterApply: tokens: quality tokens have width 768"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sdxl_adapter, tokens, 1.0)
+
+
+def test_cleanup_drops_device_caches_and_changes_nothing(tiny):
+    """Hosts >= 0.17 call cleanup() on patch objects after sampling; older hosts never do (harmless there)."""
+    model, adapter, x, context = tiny
+    patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[2.0, 2.0]]), 1.0)
+    first = forward(patched, x, context, [1, 0])
+    patches = set(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())
+    assert all(patch._device_cache for patch in patches)
+    patched.cleanup()  # the host's own call (0.33.0 forwards it to the patches)
+    for patch in patches:
+        patch.cleanup()
+        assert not patch._device_cache and patch.window._last[0] is None
+    assert torch.equal(forward(patched, x, context, [1, 0]), first)
