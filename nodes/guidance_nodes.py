@@ -195,7 +195,8 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     if scale == 0.0:
         return patched  # nothing to add: the sampler runs exactly as unguided
     device = comfy.model_management.get_torch_device()  # the host's choice (--cpu, --cuda-device, ...)
-    decoder_patcher = host_managed(_decoder_module(decoder, vae, latent_format).to(torch.float32), device)
+    offload = comfy.model_management.unet_offload_device()  # where the host keeps it until it loads it
+    decoder_patcher = host_managed(_decoder_module(decoder, vae, latent_format).to(offload, torch.float32), device)
     metric_patcher = metric_nodes.memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
     patched.set_additional_models(GUIDANCE_MODELS, [decoder_patcher, metric_patcher])
     model_sampling = model.get_model_object("model_sampling")
