@@ -123,6 +123,20 @@ def api_prompt_txt2img(ckpt=TINY_CHECKPOINT, text="a photo of a cat", negative="
     }
 
 
+def api_prompt_target_sweep(steps=2, size=64):
+    """api_prompt_txt2img with one IQA-Adapter target (tiny adapter): the workflow scripts/sweep.py sweeps."""
+    workflow = api_prompt_txt2img(steps=steps, width=size, height=size)
+    workflow["2"]["_meta"] = {"title": "Positive prompt"}
+    workflow["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}}
+    workflow["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
+        "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
+        "negative_scale": 0.0}}
+    workflow["ap"] = {"class_type": "IQAAdapterApply", "inputs": {
+        "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}}
+    workflow["5"]["inputs"]["model"] = ["ap", 0]
+    return workflow
+
+
 @pytest.fixture
 def txt2img():
     return api_prompt_txt2img
