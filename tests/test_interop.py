@@ -204,8 +204,8 @@ def _graph(txt2img, ip_file, pos, neg, prefix, orders):
         del graph[node]
     graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "tiny_sd15_iqa_adapter.safetensors"}}
     graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "targets": "topiq_nr=95, laion_aes=5", "target": 99.0, "mode": "percentile",
-        "negative_scale": 0.0}}
+        "adapter": ["10", 0], "quality": "custom", "percentile": 99.0, "targets": "topiq_nr=95, laion_aes=5",
+        "mode": "percentile", "negative_scale": 0.0}}
     graph["20"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": ip_file}}
     graph["21"] = {"class_type": "IPAdapterLoadEmbeds", "inputs": {"embeds": pos}}
     graph["22"] = {"class_type": "IPAdapterLoadEmbeds", "inputs": {"embeds": neg}}
