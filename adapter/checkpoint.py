@@ -12,6 +12,7 @@ is checkpoint key 2k+1. Everything here is pure: caching is the caller's busines
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import synthetic, training_layout
-from .descriptor import Descriptor, check_input_dim, resolve_descriptor
+from .descriptor import Descriptor, check_input_dim, resolve_descriptor, sidecar_path
 
 PICKLE_EXTENSIONS = {".bin", ".pt", ".pth", ".ckpt"}
 SAFETENSORS_EXTENSIONS = {".safetensors", ".sft"}
@@ -82,11 +83,24 @@ class IQAAdapter:
         return f"{pathlib.Path(self.path).name}: {self.info.summary()}; input: {self.descriptor.label()}"
 
 
-def adapter_cache_key(path: str | os.PathLike) -> tuple[str, int, int]:
-    """(resolved path, mtime_ns, size): changes when the file is replaced or rewritten."""
+def adapter_cache_key(path: str | os.PathLike) -> tuple:
+    """What a loaded adapter depends on: (resolved weights path, mtime_ns, size, descriptor signature).
+
+    The descriptor signature is the sidecar JSON's content hash (None without a sidecar), so an edited,
+    broken or deleted sidecar changes the key even when its mtime and size do not.
+    """
     resolved = pathlib.Path(path).resolve()
     st = resolved.stat()
-    return str(resolved), st.st_mtime_ns, st.st_size
+    return str(resolved), st.st_mtime_ns, st.st_size, _sidecar_signature(sidecar_path(path))
+
+
+def _sidecar_signature(side: pathlib.Path) -> str | None:
+    try:
+        return hashlib.sha256(side.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # unreadable: keyed by the error, the load reports it
+        return f"unreadable: {error}"
 
 
 # ---------------------------------------------------------------- reading

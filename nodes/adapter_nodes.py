@@ -24,8 +24,9 @@ IQAAdapterType = io.Custom("IQA_ADAPTER")
 QualityTokensType = io.Custom("QUALITY_TOKENS")
 TOKENS_EXTENSION = ".safetensors"
 
-# Loaded adapters by (resolved path, mtime_ns, size): a replaced file is read again.
-_ADAPTER_CACHE: dict[tuple[str, int, int], checkpoint.IQAAdapter] = {}
+# Loaded adapters by weights file and descriptor (checkpoint.adapter_cache_key): a replaced weights file or an
+# edited, broken or deleted sidecar JSON is read again.
+_ADAPTER_CACHE: dict[tuple, checkpoint.IQAAdapter] = {}
 _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
@@ -87,9 +88,12 @@ class IQAAdapterLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name):
+        # The same key as the adapter cache: the node re-runs when the weights or the descriptor change.
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
-        sidecar = os.path.splitext(path)[0] + ".json" if path else None
-        return (_file_fingerprint(path), _file_fingerprint(sidecar))
+        try:
+            return checkpoint.adapter_cache_key(path) if path else None
+        except OSError:
+            return None
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
