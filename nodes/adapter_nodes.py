@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..adapter import checkpoint, projection, quality
+from ..adapter.files import file_signature
 from . import adapter_patch
 from .paths import ADAPTER_FOLDER
 
@@ -21,8 +22,8 @@ IQAAdapterType = io.Custom("IQA_ADAPTER")
 QualityTokensType = io.Custom("QUALITY_TOKENS")
 TOKENS_EXTENSION = ".safetensors"
 
-# Loaded adapters by (resolved path, mtime_ns, size): a replaced file is read again.
-_ADAPTER_CACHE: dict[tuple[str, int, int], checkpoint.IQAAdapter] = {}
+# Loaded adapters by file signature (files.file_signature): a replaced file is read again.
+_ADAPTER_CACHE: dict[tuple, checkpoint.IQAAdapter] = {}
 _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
@@ -50,8 +51,7 @@ def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
 def _file_fingerprint(path: str | None):
     if not path or not os.path.isfile(path):
         return None
-    st = os.stat(path)
-    return (path, st.st_mtime_ns, st.st_size)
+    return file_signature(path)
 
 
 class IQAAdapterLoader(io.ComfyNode):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import comfy.model_management
 import comfy.utils
@@ -18,12 +17,13 @@ import torch
 from comfy_api.latest import io
 
 from ..adapter import guidance
+from ..adapter.files import file_signature
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
 logger = logging.getLogger(__name__)
 
-# TAESD decoders read from models/vae_approx, cached by (path, mtime, size).
+# TAESD decoders read from models/vae_approx, cached by file signature (files.file_signature).
 _TAESD_CACHE: dict[tuple, torch.nn.Module] = {}
 
 
@@ -54,8 +54,7 @@ def _taesd_module(latent_format):
         raise _fail("decoder", f"'taesd' needs '{name}.safetensors' (or .pth) in models/vae_approx "
                                f"(searched: {folders}); put the file there or use decoder 'vae'.")
     path = folder_paths.get_full_path_or_raise("vae_approx", min(candidates))
-    stat = os.stat(path)
-    key = (path, stat.st_mtime, stat.st_size)
+    key = file_signature(path)
     if key not in _TAESD_CACHE:
         with torch.inference_mode(False):
             state = comfy.utils.load_torch_file(path, safe_load=True)

@@ -22,6 +22,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..adapter import iqa_models
+from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
 from .paths import METRIC_FOLDER
 
@@ -29,7 +30,7 @@ CATEGORY = "IQA-Adapter"
 MetricType = io.Custom("IQA_METRIC")
 ScoresType = io.Custom("IQA_SCORES")
 DEVICES = ["auto", "cpu"]
-METRIC_CACHE_SIZE = 4
+METRIC_CACHE_SIZE = iqa_models.METRIC_CACHE_SIZE
 SAVE_FORMATS = ["none", "csv", "json"]
 
 
@@ -51,16 +52,12 @@ def _folder_fingerprint() -> tuple:
             for name in sorted(os.listdir(folder)):
                 path = os.path.join(folder, name)
                 if os.path.isfile(path):
-                    stat = os.stat(path)
-                    entries.append((path, stat.st_mtime_ns, stat.st_size))
+                    entries.append(file_signature(path))
     return tuple(entries)
 
 
 def load_metric_for_graph(name: str, device: str = "auto", differentiable: bool = False) -> iqa_models.LoadedMetric:
-    """Loader path shared by the nodes: cache-size cap, host memory freed before a GPU build."""
-    cached = iqa_models.cached_metric_names()
-    if len(cached) >= METRIC_CACHE_SIZE and name not in cached:
-        iqa_models.clear_metric_cache(cached[0])
+    """Loader path shared by the nodes: host memory freed before a GPU build (the cache caps itself)."""
     torch_device = iqa_models.resolve_device(device)
     if torch_device.type != "cpu":
         # let ComfyUI offload its own models first (IQA nets are a few hundred MB at most)
