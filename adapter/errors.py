@@ -37,7 +37,10 @@ def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
 
 def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """repr() of user input, shortened."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply>"
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
@@ -76,11 +79,15 @@ def blame(node: str, input_name: str):
         yield
     except NodeInputError:
         raise
-    except InputError as error:
-        raise NodeInputError(node, error.input_name or input_name, str(error)) from None
-    except _MAPPED as error:
-        plain = str(error) if type(error) is ValueError and "null byte" not in str(error) else describe(error)
+    except ValueError as error:
+        if str(error).startswith(f"{node}: "):  # already `Node: input: ...` (older raisers format it themselves)
+            raise
+        if isinstance(error, InputError):
+            raise NodeInputError(node, error.input_name or input_name, str(error)) from None
+        plain = str(error) if "null byte" not in str(error) else describe(error)
         raise NodeInputError(node, input_name, plain) from None
+    except _MAPPED as error:
+        raise NodeInputError(node, input_name, describe(error)) from None
 
 
 def node_errors(node: str, input_name: str):

@@ -5,6 +5,7 @@ tokens adapter/projection.py, the attention patch nodes/adapter_patch.py.
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import threading
@@ -12,9 +13,11 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import checkpoint, projection, quality
-from ..adapter.files import file_signature
+from ..adapter import checkpoint, errors, projection, quality
+from ..adapter.errors import quote
+from ..adapter.files import check_user_path, file_signature
 from . import adapter_patch
+from .limits import host_batch_cap
 from .paths import ADAPTER_FOLDER
 
 CATEGORY = "IQA-Adapter"
@@ -28,8 +31,7 @@ _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
 
-def _fail(node: str, input_name: str, message: str):
-    raise ValueError(f"{node}: {input_name}: {message}")
+_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
 
 
 def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
@@ -72,15 +74,20 @@ class IQAAdapterLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name):
-        path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
-        sidecar = os.path.splitext(path)[0] + ".json" if path else None
-        return (_file_fingerprint(path), _file_fingerprint(sidecar))
+        try:
+            path = folder_paths.get_full_path(ADAPTER_FOLDER, check_user_path(adapter_name, "adapter_name"))
+            sidecar = os.path.splitext(path)[0] + ".json" if path else None
+            return (_file_fingerprint(path), _file_fingerprint(sidecar))
+        except (ValueError, OSError):
+            return None  # execute reports it
 
     @classmethod
+    @errors.node_errors("IQAAdapterLoader", "adapter_name")
     def execute(cls, adapter_name) -> io.NodeOutput:
+        check_user_path(adapter_name, "adapter_name")
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         if path is None:
-            _fail("IQAAdapterLoader", "adapter_name", f"{adapter_name!r} not found in models/{ADAPTER_FOLDER}")
+            _fail("IQAAdapterLoader", "adapter_name", f"{quote(adapter_name)} not found in models/{ADAPTER_FOLDER}")
         try:
             adapter = load_adapter_cached(path)
         except ValueError as error:
@@ -115,6 +122,7 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAAdapterEncodeTarget", "targets")
     def execute(cls, adapter, targets, target, mode, negative_scale) -> io.NodeOutput:
         node = "IQAAdapterEncodeTarget"
         descriptor = adapter.descriptor
@@ -122,11 +130,13 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
             _fail(node, "adapter", "this is a reference-image adapter; encode a reference image with "
                                    "IQAAdapterEncodeReference instead")
         if mode not in quality.TARGET_MODES:
-            _fail(node, "mode", f"must be one of {list(quality.TARGET_MODES)}, got {mode!r}")
+            _fail(node, "mode", f"must be one of {list(quality.TARGET_MODES)}, got {quote(mode)}")
+        if not math.isfinite(negative_scale):
+            _fail(node, "negative_scale", f"expected a finite number, got {negative_scale}")
         if targets.strip():
             source = "targets"
             try:
-                rows = quality.parse_targets(targets)
+                rows = quality.parse_targets(targets, projection.max_rows_for(adapter.info, host_batch_cap()))
             except ValueError as error:
                 _fail(node, source, str(error))
         else:
@@ -172,8 +182,10 @@ class IQAAdapterApply(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAAdapterApply", "tokens")
     def execute(cls, model, adapter, tokens, weight, start_at, end_at) -> io.NodeOutput:
-        return io.NodeOutput(adapter_patch.apply_iqa_adapter(model, adapter, tokens, weight, start_at, end_at))
+        return io.NodeOutput(adapter_patch.apply_iqa_adapter(model, adapter, tokens, weight, start_at, end_at,
+                                                             host_batch_cap()))
 
 
 def _resolve_inside(base: str, relative: str) -> pathlib.Path | None:
@@ -201,7 +213,9 @@ class IQAAdapterSaveTokens(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAAdapterSaveTokens", "filename_prefix")
     def execute(cls, tokens, filename_prefix) -> io.NodeOutput:
+        check_user_path(filename_prefix, "filename_prefix")
         output_dir = folder_paths.get_output_directory()
         try:
             full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
@@ -249,16 +263,20 @@ class IQAAdapterLoadTokens(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, file):
-        path = _token_path(file)
-        return _file_fingerprint(str(path)) if path else None
+        try:
+            path = _token_path(check_user_path(file, "file"))
+            return _file_fingerprint(str(path)) if path else None
+        except (ValueError, OSError):
+            return None  # execute reports it
 
     @classmethod
+    @errors.node_errors("IQAAdapterLoadTokens", "file")
     def execute(cls, file) -> io.NodeOutput:
-        path = _token_path(file)
+        path = _token_path(check_user_path(file, "file"))
         if path is None:
-            _fail("IQAAdapterLoadTokens", "file", f"{file!r} points outside the input/output folders")
+            _fail("IQAAdapterLoadTokens", "file", f"{quote(file)} points outside the input/output folders")
         try:
-            tokens = projection.QualityTokens.load(path)
+            tokens = projection.QualityTokens.load(path, host_batch_cap())
         except ValueError as error:
             _fail("IQAAdapterLoadTokens", "file", str(error))
         return io.NodeOutput(tokens)

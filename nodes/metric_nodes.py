@@ -9,9 +9,7 @@ it when another model needs the memory.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import json
 import os
 
 import comfy.model_management
@@ -21,7 +19,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter import iqa_models
+from ..adapter import errors, files, iqa_models
 from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
 from .paths import METRIC_FOLDER
@@ -34,8 +32,7 @@ METRIC_CACHE_SIZE = iqa_models.METRIC_CACHE_SIZE
 SAVE_FORMATS = ["none", "csv", "json"]
 
 
-def _fail(node: str, input_name: str, message: str):
-    raise ValueError(f"{node}: {input_name}: {message}")
+_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
 
 
 def metric_folders() -> list[str]:
@@ -91,10 +88,11 @@ class IQAMetricLoader(io.ComfyNode):
         return _folder_fingerprint()
 
     @classmethod
+    @errors.node_errors("IQAMetricLoader", "metric")
     def execute(cls, metric, device, differentiable) -> io.NodeOutput:
         node = "IQAMetricLoader"
         if device not in DEVICES:
-            _fail(node, "device", f"expected one of {DEVICES}, got {device!r}")
+            _fail(node, "device", f"expected one of {DEVICES}, got {errors.quote(device)}")
         try:
             loaded = load_metric_for_graph(metric, device, bool(differentiable))
         except iqa_models.MissingMetricWeightsError as error:
@@ -115,6 +113,8 @@ def image_to_bchw(images: torch.Tensor, node: str, input_name: str) -> torch.Ten
     if not torch.is_tensor(images) or images.dim() != 4:
         _fail(node, input_name, f"expected an IMAGE batch (B, H, W, C), got "
                                 f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if images.shape[0] < 1:
+        _fail(node, input_name, "the image batch is empty (0 images)")
     channels = images.shape[-1]
     if channels == 4:
         images = images[..., :3]
@@ -170,25 +170,21 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
             bar.update_absolute(offset + done, total)
         try:
             values = iqa_models.score_in_chunks(metric, images_bchw, reference_bchw, chunk_size, progress)
-        except (ValueError, AssertionError, RuntimeError) as error:
-            _fail(node, "images", f"metric '{metric.name}' could not score them: {error}")
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as error:  # noqa: BLE001 - pyiqa's own failures on odd images (sizes, degenerate content)
+            _fail(node, "images", f"metric '{metric.name}' could not score them: {errors.describe(error)}")
         result.add(metric, values.detach().float().cpu().tolist())
     return result
 
 
-def _append_rows(path: str, fmt: str, rows: list[dict]) -> None:
+def _append_rows(path: str, fmt: str, rows: list[dict]) -> str:
+    """Append to our own file only (same CSV header / JSON-lines keys); else a new `<name>_<n>` beside it.
+    Returns the path written."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if fmt == "csv":
-        new = not os.path.exists(path)
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-    else:  # JSON lines: one object per row, append-friendly
-        with open(path, "a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        return str(files.write_csv(path, list(rows[0]), rows, append=True))
+    return str(files.append_jsonl(path, rows))  # JSON lines: one object per row, NaN as null
 
 
 class IQAScore(io.ComfyNode):
@@ -223,6 +219,7 @@ class IQAScore(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAScore", "images")
     def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, metric_2=None, metric_3=None,
                 reference=None) -> io.NodeOutput:
         node = "IQAScore"
@@ -238,12 +235,17 @@ class IQAScore(io.ComfyNode):
         scores = score_images(metrics, images, reference, int(chunk_size), node)
         table = scores.table()
         if save_rows != "none":
+            files.check_user_path(filename_prefix, "filename_prefix")
             output_dir = os.path.abspath(folder_paths.get_output_directory())
             path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{'csv' if save_rows == 'csv' else 'jsonl'}"))
             if os.path.commonpath([path, output_dir]) != output_dir:
-                _fail(node, "filename_prefix", f"'{filename_prefix}' points outside the output folder")
+                _fail(node, "filename_prefix", f"{errors.quote(filename_prefix)} points outside the output folder")
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            _append_rows(path, save_rows, scores.rows(timestamp=stamp))
+            with errors.blame(node, "filename_prefix"):
+                written = _append_rows(path, save_rows, scores.rows(timestamp=stamp))
+            if written != path:
+                table += (f"\n(rows written to {os.path.relpath(written, output_dir)}: "
+                          f"{os.path.relpath(path, output_dir)} is not a file of this node's format)")
         first = scores.scores[metrics[0].name]
         mean = float(sum(first) / len(first)) if first else float("nan")
         return io.NodeOutput(scores, table, mean, ui=ui.PreviewText(table))
