@@ -35,14 +35,16 @@ _fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a V
 
 
 def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
-    key = checkpoint.adapter_cache_key(path)
+    """Keyed by the weights' and the sidecar's signatures: a changed descriptor is read again too."""
+    sidecar = os.path.splitext(path)[0] + ".json"
+    key = (checkpoint.adapter_cache_key(path), _file_fingerprint(sidecar))
     with _ADAPTER_CACHE_LOCK:
         cached = _ADAPTER_CACHE.get(key)
     if cached is not None:
         return cached
     adapter = checkpoint.load_adapter(path)
     with _ADAPTER_CACHE_LOCK:
-        for stale in [k for k in _ADAPTER_CACHE if k[0] == key[0]]:
+        for stale in [k for k in _ADAPTER_CACHE if k[0][0] == key[0][0]]:
             del _ADAPTER_CACHE[stale]
         while len(_ADAPTER_CACHE) >= _ADAPTER_CACHE_SIZE:
             del _ADAPTER_CACHE[next(iter(_ADAPTER_CACHE))]
