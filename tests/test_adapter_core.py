@@ -531,3 +531,31 @@ def test_misnamed_files_are_read_by_content(tmp_path):
     odd = tmp_path / "w.ckpt2"
     odd.write_bytes(b"x")
     expect_file_error(odd, "unknown extension")
+
+
+def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
+    """encode (targets, sweep, reference all go through encode_tokens), loaded tokens, empty rows."""
+    from comfyui_iqa_adapter.adapter import errors, files
+
+    state = synthetic.random_adapter_state_dict(cross_attention_dim=32, layer_widths=[16, 32], num_tokens=2,
+                                                input_dim=6, seed=3)
+    path = tmp_path / "ref.safetensors"
+    save_file(state, str(path))
+    reference = descriptor.descriptor_from_dict({"kind": "reference", "extractor": {"model": "m", "layers": ["x"], "dim": 6}})
+    adapter = checkpoint.load_adapter(path, reference)
+    ok = projection.encode_tokens(adapter, torch.ones(2, 6))
+    assert ok.batch_size == 2
+    for vectors in (torch.full((1, 6), 1e30), torch.full((1, 6), float("nan")), torch.full((1, 6), 1e7)):
+        with pytest.raises(errors.InputError):
+            projection.encode_tokens(adapter, vectors)
+    for cond in (torch.full((1, 2, 32), 1e30), torch.full((1, 2, 32), float("nan")), torch.zeros(0, 2, 32)):
+        with pytest.raises(ValueError):
+            projection.QualityTokens(cond, cond.clone())
+    # reports: NaN is null in JSON lines, formula-like text is neutralised, foreign CSVs are not appended to
+    out = files.append_jsonl(tmp_path / "s.jsonl", [{"score": float("nan"), "metric": "=x"}])
+    assert out.read_text().strip() == '{"score": null, "metric": "=x"}'
+    foreign = tmp_path / "s.csv"
+    foreign.write_text("a,b\n1,2\n")
+    written = files.write_csv(foreign, ["metric", "score"], [{"metric": "-1+2", "score": -1.5}], append=True)
+    assert foreign.read_text() == "a,b\n1,2\n" and written.name == "s_2.csv"
+    assert written.read_text().splitlines() == ["metric,score", "'-1+2,-1.5"]
