@@ -5,6 +5,11 @@ stay importable (and testable) without ComfyUI.
 """
 
 
+# Served by the host at /extensions/<pack folder>/: js/ (scores on the canvas, preset <-> slider) and
+# docs/<NodeId>.md (the frontend's per-node help pages).
+WEB_DIRECTORY = "./web"
+
+
 async def comfy_entrypoint():
     from .nodes import IQAAdapterExtension
 

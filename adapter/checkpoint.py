@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import synthetic, tensor_files
+from . import synthetic, tensor_files, training_layout
 from .descriptor import Descriptor, check_input_dim, resolve_descriptor
 from .errors import InputError, quote
 from .files import file_signature
@@ -259,7 +259,14 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 
 def load_adapter_weights(path: str | os.PathLike) -> AdapterWeights:
-    return split_state_dict(read_adapter_file(path), path)
+    """Released layout, or a training state (the authors' `accelerate` module state, the pack trainer's
+    module) renamed to it by adapter/training_layout.py."""
+    state = read_adapter_file(path)
+    try:
+        state = training_layout.to_released(state)
+    except ValueError as error:
+        raise AdapterFileError(path, str(error)) from None
+    return split_state_dict(state, path)
 
 
 def load_adapter(path: str | os.PathLike, descriptor: Descriptor | None = None) -> IQAAdapter:

@@ -12,6 +12,7 @@ import functools
 from contextlib import contextmanager
 
 QUOTE_LIMIT = 80  # characters of user input quoted in a message
+NODE_NAMES: dict[str, str] = {}  # node id -> the name users see (filled by the node layer)
 MESSAGE_LIMIT = 1500  # characters of one error message
 
 
@@ -28,7 +29,7 @@ class NodeInputError(InputError):
 
     def __init__(self, node: str, input_name: str, message: str):
         self.node, self.detail = node, clip(str(message))
-        super().__init__(f"{node}: {input_name}: {self.detail}", input_name)
+        super().__init__(f"{NODE_NAMES.get(node, node)}: {input_name}: {self.detail}", input_name)
 
 
 def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -80,7 +81,7 @@ def blame(node: str, input_name: str):
     except NodeInputError:
         raise
     except ValueError as error:
-        if str(error).startswith(f"{node}: "):  # already `Node: input: ...` (older raisers format it themselves)
+        if str(error).startswith((f"{node}: ", f"{NODE_NAMES.get(node, node)}: ")):  # already `Node: input: ...`
             raise
         if isinstance(error, InputError):
             raise NodeInputError(node, error.input_name or input_name, str(error)) from None

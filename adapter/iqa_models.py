@@ -829,3 +829,30 @@ def write_random_weights(name: str, folder: str, seed: int = 0, noise: float = 0
         torch.save(payload, path)
         written.append(path)
     return written
+
+
+_EXPECTED_FILES: dict[str, list[str] | None] = {}
+
+
+def missing_weight_files(name: str, user_folders: Iterable[str] = (), plan: bool = True) -> list[str] | None:
+    """Weight files `name` needs that are in none of the searched folders ([] = ready to load; None =
+    not known). Reads the catalog (models/metric_weights.json); with `plan`, a metric it does not list is
+    planned once (architecture only, no weights read) and remembered."""
+    from ..models.metrics import catalog_weight_files
+    files = catalog_weight_files(name)
+    if files is None:
+        if not plan:
+            return None
+        if name not in _EXPECTED_FILES:
+            try:
+                _EXPECTED_FILES[name] = expected_weight_files(name, user_folders)
+            except MissingMetricWeightsError as error:
+                _EXPECTED_FILES[name] = [error.file_name]
+            except Exception:  # noqa: BLE001 - not buildable offline: the loader says why when it runs
+                _EXPECTED_FILES[name] = None
+        files = _EXPECTED_FILES[name]
+        if files is None:
+            return None
+    folders = search_folders(user_folders)
+    clip_folders = folders + [f for f in clip_cache_dirs() if f not in folders]
+    return [file for file in files if find_weight_file(file, clip_folders) is None]

@@ -179,3 +179,59 @@ def parse_targets(text: str, max_rows: int | None = None) -> list[dict[str, floa
     if not rows:
         raise ValueError("no targets given; write e.g. 'topiq_nr=99, laion_aes=90'")
     return rows
+
+
+QUALITY_PRESETS = {"best": 99.0, "high": 90.0, "good": 75.0, "average": 50.0, "low": 25.0, "worst": 1.0}
+ZSCORE_WARN = 4.0  # |z| beyond this lies outside anything CC3M holds: allowed, but said
+
+
+def convert_target(descriptor: Descriptor, metric: str, value: float, from_mode: str, to_mode: str) -> float:
+    """A target expressed in another mode (percentile -> raw via CC3M quantiles, raw <-> z via the
+    descriptor's statistics)."""
+    _check_mode(from_mode)
+    _check_mode(to_mode)
+    if from_mode == to_mode:
+        return float(value)
+    if to_mode == "percentile":
+        raw = target_to_raw(descriptor, metric, value, from_mode)
+        if raw is None:
+            raise ValueError(f"{metric!r} has no statistics to convert a {from_mode} target")
+        return cc3m.raw_to_percentile(cc3m.get_stats(metric), raw)
+    raw = target_to_raw(descriptor, metric, value, from_mode)
+    if raw is None:
+        raise ValueError(f"{metric!r} has no statistics to convert a {from_mode} target")
+    if to_mode == "raw":
+        return raw
+    mean, std = descriptor.stats_for(metric)
+    return (raw - mean) / std
+
+
+def complete_rows(descriptor: Descriptor, rows: list[dict], fallback_percentile: float, mode: str) -> list[dict]:
+    """Rows with every adapter metric: metrics a row leaves out get `fallback_percentile`, expressed in
+    `mode`. Unknown metric names raise."""
+    complete = []
+    for number, row in enumerate(rows, start=1):
+        unknown = [m for m in row if m not in descriptor.metrics]
+        if unknown:
+            raise ValueError(f"row {number}: this adapter has no metric {', '.join(unknown)}; "
+                             f"it knows {', '.join(descriptor.metrics)}")
+        complete.append({m: float(row[m]) if m in row else
+                         convert_target(descriptor, m, fallback_percentile, "percentile", mode)
+                         for m in descriptor.metrics})
+    return complete
+
+
+def target_range_problem(value: float, mode: str) -> str | None:
+    """Why a typed target cannot be used in `mode` (None = usable)."""
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if mode == "percentile" and not 0.0 < value < 100.0:
+        return f"percentile {value:g} is outside (0, 100); use 1 to 99"
+    return None
+
+
+def target_warning(value: float, mode: str) -> str | None:
+    if mode == "zscore" and abs(value) > ZSCORE_WARN:
+        return (f"z-score {value:g} is beyond ±{ZSCORE_WARN:g}: far outside the training data, expect "
+                f"over-stylised or broken images")
+    return None

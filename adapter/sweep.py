@@ -15,6 +15,7 @@ import io as _io
 import json
 import math
 import pathlib
+import textwrap
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Callable, Sequence
@@ -220,6 +221,12 @@ def summarize(values: Sequence[float], scores: dict[str, Sequence[float]],
 # Table
 # --------------------------------------------------------------------------------------------------
 
+def tidy(value: float, digits: int = 7) -> float:
+    """A float rounded to `digits` significant digits, so tables read 33.66667, not 33.666666666666664."""
+    value = float(value)
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
 def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image_names: Sequence[str],
                 meta: dict | None = None, directions: dict[str, bool] | None = None,
                 per_image_meta: Sequence[dict] | None = None) -> list[dict]:
@@ -240,9 +247,9 @@ def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image
             rows.append({
                 "prompt": item.get("prompt", ""), "seed": item.get("seed", ""), "model": item.get("model", ""),
                 "adapter": item.get("adapter", ""), "index": i, "image": image_names[i],
-                "target_mode": targets.mode, "swept_metrics": "+".join(swept), "target": float(targets.values[i]),
-                "target_raw": "" if raw_of_first is None else float(raw_of_first), "metric": metric,
-                "lower_better": lower_better(metric, directions), "score": float(series[i]),
+                "target_mode": targets.mode, "swept_metrics": "+".join(swept), "target": tidy(targets.values[i]),
+                "target_raw": "" if raw_of_first is None else tidy(raw_of_first), "metric": metric,
+                "lower_better": lower_better(metric, directions), "score": tidy(series[i]),
             })
     return rows
 
@@ -291,7 +298,7 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
         raise ValueError("no scores to plot")
     x = np.asarray(values, dtype=np.float64)
     summary = summarize(values, scores, directions)
-    figure = Figure(figsize=(4.6 * len(metrics), 4.0), dpi=100)
+    figure = Figure(figsize=(4.6 * len(metrics), 4.6), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     x_label = {"percentile": "target (CC3M percentile)", "zscore": "target (z-score)", "raw": "target (raw)"}[mode]
@@ -326,7 +333,7 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
         axis.set_ylabel(plain_text(f"{metric} (measured)"), fontsize=9)
         axis.set_title(plain_text(metric), fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if title:
         figure.suptitle(plain_text(title), fontsize=10)
     figure.tight_layout()
@@ -343,8 +350,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def make_grid(images: np.ndarray, captions: Sequence[str], columns: int | None = None) -> np.ndarray:
-    """(B, H, W, 3) floats in [0, 1] or uint8 + one caption per image -> labelled grid uint8 (H', W', 3)."""
+def make_grid(images: np.ndarray, captions: Sequence[str], columns: int | None = None, header: str = "") -> np.ndarray:
+    """(B, H, W, 3) floats in [0, 1] or uint8 + one caption per image -> labelled grid uint8 (H', W', 3),
+    with `header` lines (wrapped to the grid's width) above the images."""
     from PIL import Image, ImageDraw
 
     images = np.asarray(images)
@@ -364,12 +372,20 @@ def make_grid(images: np.ndarray, captions: Sequence[str], columns: int | None =
     lines = max(1, max(c.count("\n") + 1 for c in captions))
     strip = lines * (font_size + 4) + 6
     pad = 4
-    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + strip + pad) + pad), (255, 255, 255))
+    width = columns * (w + pad) + pad
+    header_size = max(12, min(22, width // 48))
+    header_lines = []
+    for paragraph in header.splitlines():
+        header_lines += textwrap.wrap(paragraph, max(20, int(width / (header_size * 0.55)))) or [""]
+    top = len(header_lines) * (header_size + 4) + (8 if header_lines else 0)
+    canvas = Image.new("RGB", (width, top + rows * (h + strip + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    if header_lines:
+        draw.multiline_text((pad + 2, 6), "\n".join(header_lines), fill=(0, 0, 0), font=_font(header_size), spacing=4)
     font = _font(font_size)
     for i in range(b):
         r, c = divmod(i, columns)
-        x0, y0 = pad + c * (w + pad), pad + r * (h + strip + pad)
+        x0, y0 = pad + c * (w + pad), top + pad + r * (h + strip + pad)
         canvas.paste(Image.fromarray(images[i]), (x0, y0))
         draw.multiline_text((x0 + 2, y0 + h + 3), captions[i], fill=(0, 0, 0), font=font, spacing=4)
     return np.asarray(canvas)
@@ -424,7 +440,7 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
     if grid is None and images is not None:
         captions = [caption(targets.values[i], targets.mode, {m: float(s[i]) for m, s in scores.items()})
                     for i in range(len(targets))]
-        grid = make_grid(images, captions)
+        grid = make_grid(images, captions, header=grid_header(targets, scores, meta, directions))
     title_bits = [meta.get("model") or "", meta.get("adapter") or ""]
     chart = plot_score_vs_target(targets.values, scores, targets.mode, targets.swept_metrics, directions,
                                  ideal_scores(targets, list(scores)), groups,
@@ -440,6 +456,34 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
     if progress:
         progress(f"report written to {out_dir}")
     return {"paths": paths, "chart": chart, "grid": grid, "summary": summary, "table": table}
+
+
+def grid_header(targets: SweepTargets, scores: dict[str, Sequence[float]], meta: dict,
+                directions: dict[str, bool] | None = None) -> str:
+    lines = []
+    if meta.get("prompt"):
+        lines.append(f"prompt: {meta['prompt']}")
+    facts = [f"{k} {meta[k]}" for k in ("seed", "model", "adapter") if meta.get(k) not in (None, "")]
+    swept = " + ".join(targets.swept_metrics) or "all metrics"
+    facts.append(f"target: {swept} ({targets.mode})")
+    lines.append(" | ".join(facts))
+    lines.append("scores: " + ", ".join(f"{m} ({'lower' if lower_better(m, directions) else 'higher'} is better)"
+                                        for m in scores))
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict[str, dict], meta: dict) -> str:
+    """The report on the node: prompt, seed, model, adapter, and each metric's rho with its direction."""
+    lines = ["**Sweep report**", ""]
+    for key in ("prompt", "seed", "model", "adapter"):
+        if meta.get(key) not in (None, ""):
+            lines.append(f"- {key}: {meta[key]}")
+    lines += ["", "| metric | Spearman rho | better is | images |", "|---|---:|---|---:|"]
+    for metric, entry in summary.items():
+        rho = entry["rho"]
+        lines.append(f"| {metric} | {f'{rho:+.3f}' if math.isfinite(rho) else 'n/a'} | "
+                     f"{'lower' if entry['lower_better'] else 'higher'} | {entry['n']} |")
+    return "\n".join(lines)
 
 
 def summary_text(summary: dict[str, dict]) -> str:

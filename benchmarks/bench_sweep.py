@@ -50,7 +50,8 @@ def graph(kind: str, seed: int, args, target: float = 50.0) -> dict:
             "mode": "percentile", "spacing": "linear", "hold": "", "negative_scale": 0.0}}
     else:
         g["tokens"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-            "adapter": ["adapter", 0], "targets": "", "target": target, "mode": "percentile", "negative_scale": 0.0}}
+            "adapter": ["adapter", 0], "quality": "custom", "percentile": target, "targets": "",
+            "mode": "percentile", "negative_scale": 0.0}}
     g["apply"] = {"class_type": "IQAAdapterApply", "inputs": {
         "model": ["ckpt", 0], "adapter": ["adapter", 0], "tokens": ["tokens", 0], "weight": 1.0, "start_at": 0.0,
         "end_at": 1.0}}

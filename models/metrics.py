@@ -6,6 +6,9 @@ works without pyiqa too. All 21 paper metrics are no-reference and higher-is-bet
 """
 from __future__ import annotations
 
+import functools
+import json
+import pathlib
 from dataclasses import dataclass
 
 # Reference README section 5, in the order of CC3M_stats.csv.
@@ -81,3 +84,28 @@ def offered_metric_names() -> list[str]:
     skip = {"fid", "fid_dinov2", "inception_score"}
     rest = [name for name in registry if name not in PAPER_METRICS and name not in skip]
     return list(PAPER_METRICS) + rest
+
+
+_WEIGHT_CATALOG = pathlib.Path(__file__).resolve().parent / "metric_weights.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _weight_catalog() -> dict[str, list[str]]:
+    try:
+        return dict(json.loads(_WEIGHT_CATALOG.read_text())["files"])
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def catalog_weight_files(name: str) -> list[str] | None:
+    """pyiqa's file names the metric reads ([] = weight-free), from models/metric_weights.json
+    (written by scripts/metric_weight_catalog.py); None when the catalog does not list the metric."""
+    files = _weight_catalog().get(name)
+    return list(files) if files is not None else None
+
+
+def is_full_reference(name: str) -> bool:
+    try:
+        return metric_info(name).is_full_reference
+    except ValueError:
+        return False

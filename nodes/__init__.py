@@ -3,7 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import adapter_nodes, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
+from . import adapter_nodes, graph, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
 
 NODE_MODULES = [
     adapter_nodes,
@@ -15,6 +15,8 @@ NODE_MODULES = [
 
 # ComfyUI 0.3.75 never calls ComfyExtension.on_load: register folders when the layer is imported.
 paths.register_model_folders()
+# Rows-vs-batch checks at queue time need the whole prompt, which node validation does not see.
+graph.register_prompt_hook()
 
 
 class IQAAdapterExtension(ComfyExtension):

@@ -18,6 +18,7 @@ from comfy_api.latest import io
 
 from ..adapter import errors, guidance
 from ..adapter.files import file_signature
+from . import presentation
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
@@ -100,7 +101,7 @@ def _decoder_source(decoder: str, vae, latent_format):
         return module
     if decoder == "taesd":
         return _taesd_module(latent_format)
-    raise _fail("decoder", f"expected one of {DECODERS}, got {decoder!r}")
+    raise _fail("decoder", f"expected one of {', '.join(DECODERS)}, got {presentation.quoted(decoder)}")
 
 
 def _metric_on(metric, device: torch.device):
@@ -129,16 +130,16 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     try:
         scale = guidance.validate_scale(scale)
     except ValueError:
-        raise _fail("scale", f"expected a finite number, got {scale!r}") from None
+        raise _fail("scale", f"expected a finite number, got {presentation.quoted(scale)}") from None
     for name, value in (("start_at", start_at), ("end_at", end_at)):
         if not (0.0 <= float(value) <= 1.0):
-            raise _fail(name, f"expected a fraction in [0, 1], got {value!r}")
+            raise _fail(name, f"expected a fraction in [0, 1], got {presentation.quoted(value)}")
     if start_at > end_at:
         raise _fail("start_at", f"start_at ({start_at}) must not be after end_at ({end_at})")
     if target not in guidance.TARGETS:
-        raise _fail("target", f"expected one of {guidance.TARGETS}, got {target!r}")
+        raise _fail("target", f"expected one of {', '.join(guidance.TARGETS)}, got {presentation.quoted(target)}")
     if normalization not in guidance.NORMALIZATIONS:
-        raise _fail("normalization", f"expected one of {guidance.NORMALIZATIONS}, got {normalization!r}")
+        raise _fail("normalization", f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {presentation.quoted(normalization)}")
     if int(max_resolution) != 0 and int(max_resolution) < MIN_SCORED_SIZE:
         raise _fail("max_resolution", f"expected 0 (no resize) or at least {MIN_SCORED_SIZE} pixels (IQA metrics "
                                       f"need images of about that size), got {max_resolution}")
@@ -187,33 +188,32 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
 class IQAGradientGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id=NODE,
-            display_name="IQA Gradient Guidance",
-            category="IQA-Adapter",
+        return presentation.schema(
+            NODE, presentation.GUIDANCE,
             description=(
-                "Gradient quality guidance (the paper's first method, our reading): at each sampler step the "
-                "denoised estimate is decoded, scored by a differentiable IQA metric and moved along the "
-                "score's gradient, D' = D + scale·σ²·∇S. Raises the guiding metric; at high scales it makes "
-                "metric-specific adversarial textures and transfers poorly to other metrics."),
+                "Nudge every sampling step toward a higher (or lower) score of a quality metric: the image in "
+                "progress is decoded, scored, and moved the way that raises the score. Slower than the adapter; "
+                "strong settings raise the guiding metric with odd textures that other metrics do not reward."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a clone is patched)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; its decoder is differentiated when decoder = 'vae'."),
                 io.Custom("IQA_METRIC").Input(
                     "metric", tooltip="A no-reference IQA metric loaded with differentiable = true."),
                 io.Float.Input("scale", default=1.0, min=-1.0e4, max=1.0e4, step=0.01,
-                               tooltip="Guidance scale s. 0 = off (bit-identical to unguided). Units depend on "
-                                       "the metric unless normalization is 'std' or 'rms'."),
+                               tooltip="How hard to push. 0 = off. With normalization 'rms' try 0.05-0.5; with "
+                                       "'std' or 'none' the useful range depends on the metric: start at 1 and "
+                                       "raise it until the score moves (a few hundred for small CNN metrics)."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where guidance starts (0 = first step)."),
+                               tooltip="When to start, as a fraction of the steps (0 = from the first step)."),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where guidance ends (1 = last step)."),
+                               tooltip="When to stop, as a fraction of the steps (1 = until the last step; 0.6-0.8 "
+                                       "leaves the final details alone)."),
                 io.Combo.Input("decoder", options=list(DECODERS), default="vae",
                                tooltip="'vae': differentiate the given VAE's decoder (faithful, costly). "
                                        "'taesd': the cheap TAESD decoder from models/vae_approx."),
                 io.Combo.Input("normalization", options=list(guidance.NORMALIZATIONS), default="none",
-                               tooltip="'none': the faithful form. Pack additions: 'std' divides the score by "
-                                       "the metric's CC3M std; 'rms' steps s·σ·g/rms(g)."),
+                               tooltip="'none': as in the paper. 'std': scale in units of the metric's typical "
+                                       "spread. 'rms': the same step size for every metric (easiest to tune)."),
                 io.Combo.Input("target", options=list(guidance.TARGETS), default="raise",
                                tooltip="'raise' = better quality for any metric direction; 'lower' = worse."),
                 io.Int.Input("max_resolution", default=0, min=0, max=8192, step=8,
@@ -224,6 +224,10 @@ class IQAGradientGuidance(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with quality guidance applied while sampling.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_at=None, end_at=None):
+        return presentation.check_schedule(NODE, start_at, end_at)
 
     @classmethod
     @errors.node_errors(NODE, "model")

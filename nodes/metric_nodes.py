@@ -19,12 +19,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter import errors, files, iqa_models
+from ..adapter import errors, files, iqa_models, score_card
 from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
+from . import presentation
 from .paths import METRIC_FOLDER
 
-CATEGORY = "IQA-Adapter"
 MetricType = io.Custom("IQA_METRIC")
 ScoresType = io.Custom("IQA_SCORES")
 DEVICES = ["auto", "cpu"]
@@ -62,26 +62,65 @@ def load_metric_for_graph(name: str, device: str = "auto", differentiable: bool 
     return iqa_models.load_metric(name, metric_folders(), device, differentiable)
 
 
+def metric_choices() -> tuple[list[str], str]:
+    """The picker's order and its tooltip: no-reference metrics before full-reference ones, each group with
+    the metrics that can load here (weights installed, or none needed) first."""
+    names = metric_catalog.offered_metric_names()
+    folders = metric_folders()
+    ready = {name for name in names if iqa_models.missing_weight_files(name, folders, plan=False) == []}
+    no_weights = [n for n in names if metric_catalog.catalog_weight_files(n) == []]
+    ordered = []
+    for full_reference in (False, True):
+        group = [n for n in names if metric_catalog.is_full_reference(n) == full_reference]
+        ordered += [n for n in group if n in ready] + [n for n in group if n not in ready]
+    weight_free_nr = [n for n in no_weights if not metric_catalog.is_full_reference(n)]
+    installed = [n for n in ordered if n in ready and n not in no_weights]
+    tooltip = (f"Which quality metric. No-reference metrics (judge one image) come first, then full-reference "
+               f"ones (compare with a reference image). Ready here: {', '.join(installed) or 'none installed yet'}. "
+               f"Weight-free, work without any file: {', '.join(weight_free_nr)}. Others need their weight file "
+               f"in models/{METRIC_FOLDER} (the error names it). The paper's metric: topiq_nr.")
+    return ordered, tooltip
+
+
 class IQAMetricLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="IQAMetricLoader",
-            display_name="IQA Metric Loader",
-            category=CATEGORY,
-            description="Load a pyiqa metric (the paper's 21 first). Weights are never downloaded: put pyiqa's "
-                        "weight file (its default file name, or the same name with .safetensors) in models/iqa. "
-                        "Files are read without unpickling code. Metrics such as piqe, psnr, ssim need no file.",
+        options, tooltip = metric_choices()
+        return presentation.schema(
+            "IQAMetricLoader", presentation.SCORE,
+            description="Load an image-quality metric (pyiqa) for Quality Score, the sweep report or gradient "
+                        "guidance. Nothing is downloaded: weighted metrics read their file from models/iqa; "
+                        "weight-free ones (piqe, psnr, ssim, ...) need none.",
             inputs=[
-                io.Combo.Input("metric", options=metric_catalog.offered_metric_names(), default="topiq_nr",
-                               tooltip="pyiqa metric id. The paper's 21 metrics come first (reference order)."),
+                io.Combo.Input("metric", options=options, default="topiq_nr", tooltip=tooltip),
                 io.Combo.Input("device", options=DEVICES, default="auto",
-                               tooltip="auto = the GPU when there is one, else CPU."),
+                               tooltip="auto = the GPU when there is one, else the CPU."),
                 io.Boolean.Input("differentiable", default=False,
-                                 tooltip="Keep gradients (needed by IQA Gradient Guidance). Off for plain scoring."),
+                                 tooltip="On only for Quality Guidance (it needs gradients). Off for scoring."),
             ],
             outputs=[MetricType.Output(display_name="metric")],
         )
+
+    @classmethod
+    def validate_inputs(cls, metric=None, device=None):
+        node = "IQAMetricLoader"
+        if device is not None and device not in DEVICES:
+            return presentation.invalid(node, "device", f"expected one of {', '.join(DEVICES)}, got "
+                                                        f"{presentation.quoted(device)}")
+        if metric is None:
+            return True
+        names = metric_catalog.offered_metric_names()
+        if metric not in names:
+            return presentation.invalid(node, "metric", f"unknown metric {presentation.quoted(metric)}"
+                                                        f"{presentation.did_you_mean(metric, names)}")
+        missing = iqa_models.missing_weight_files(metric, metric_folders())
+        if missing:
+            folder = metric_folders()[0]
+            return presentation.invalid(
+                node, "metric", f"{metric} needs the weight file {', '.join(missing)}, which is not installed: put it "
+                                f"in {folder} (nothing is downloaded). Metrics that need no file: "
+                                f"{', '.join(n for n in names if metric_catalog.catalog_weight_files(n) == [] and not metric_catalog.is_full_reference(n))}.")
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, metric, device, differentiable):
@@ -92,7 +131,7 @@ class IQAMetricLoader(io.ComfyNode):
     def execute(cls, metric, device, differentiable) -> io.NodeOutput:
         node = "IQAMetricLoader"
         if device not in DEVICES:
-            _fail(node, "device", f"expected one of {DEVICES}, got {errors.quote(device)}")
+            _fail(node, "device", f"expected one of {', '.join(DEVICES)}, got {presentation.quoted(device)}")
         try:
             loaded = load_metric_for_graph(metric, device, bool(differentiable))
         except iqa_models.MissingMetricWeightsError as error:
@@ -190,23 +229,23 @@ def _append_rows(path: str, fmt: str, rows: list[dict]) -> str:
 class IQAScore(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="IQAScore",
-            display_name="IQA Score",
-            category=CATEGORY,
-            description="Score images with one or more IQA metrics (numbers equal pyiqa's on the same tensor). "
-                        "RGBA images lose their alpha channel (not composited); grayscale is repeated to RGB.",
+        return presentation.schema(
+            "IQAScore", presentation.SCORE,
+            description="Score images with one to three quality metrics and show the scores on the node (a table "
+                        "and a score card). Numbers equal pyiqa's on the same pixels. RGBA images lose their alpha "
+                        "channel; grayscale is repeated to RGB.",
             inputs=[
                 io.Image.Input("images", tooltip="Images to score."),
-                MetricType.Input("metric", tooltip="From IQA Metric Loader."),
+                MetricType.Input("metric", tooltip="From Load Quality Metric."),
                 MetricType.Input("metric_2", optional=True, tooltip="A second metric (optional)."),
                 MetricType.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
                 io.Image.Input("reference", optional=True,
                                tooltip="Reference images for full-reference metrics (same size; 1 or one per image)."),
                 io.Int.Input("chunk_size", default=8, min=1, max=256,
-                             tooltip="Images per forward pass (lower = less memory)."),
+                             tooltip="Images scored at once. 8 suits most GPUs; lower it if memory runs out."),
                 io.Combo.Input("save_rows", options=SAVE_FORMATS, default="none",
-                               tooltip="Append one row per image and metric to a file in the output folder."),
+                               tooltip="Also append one row per image and metric to a CSV or JSON-lines file in "
+                                       "the output folder (none = only show them)."),
                 io.String.Input("filename_prefix", default="iqa_scores/scores",
                                 tooltip="File path inside the output folder (extension added)."),
             ],
@@ -231,7 +270,7 @@ class IQAScore(io.ComfyNode):
                 _fail(node, input_name, f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}")
             metrics.append(value)
         if save_rows not in SAVE_FORMATS:
-            _fail(node, "save_rows", f"expected one of {SAVE_FORMATS}, got {save_rows!r}")
+            _fail(node, "save_rows", f"expected one of {', '.join(SAVE_FORMATS)}, got {presentation.quoted(save_rows)}")
         scores = score_images(metrics, images, reference, int(chunk_size), node)
         table = scores.table()
         if save_rows != "none":
@@ -248,7 +287,10 @@ class IQAScore(io.ComfyNode):
                           f"{os.path.relpath(path, output_dir)} is not a file of this node's format)")
         first = scores.scores[metrics[0].name]
         mean = float(sum(first) / len(first)) if first else float("nan")
-        return io.NodeOutput(scores, table, mean, ui=ui.PreviewText(table))
+        markdown = score_card.markdown_table(scores.scores, scores.lower_better)
+        card = torch.from_numpy(score_card.render_card(scores.scores, scores.lower_better).astype("float32") / 255.0)
+        preview = ui.PreviewImage(card[None], cls=cls).as_dict()
+        return io.NodeOutput(scores, table, mean, ui={**preview, **presentation.markdown(markdown)})
 
 
 NODES = [IQAMetricLoader, IQAScore]

@@ -11,10 +11,10 @@ from comfy_api.latest import io
 from ..adapter import errors, iqa_models, projection
 from ..adapter import reference as reference_encoding
 from ..adapter.checkpoint import IQAAdapter
+from . import presentation
 from .limits import host_batch_cap
 from .metric_nodes import image_to_bchw
 
-CATEGORY = "IQA-Adapter"
 NODE = "IQAAdapterEncodeReference"
 
 
@@ -25,13 +25,11 @@ def _fail(input_name: str, message: str):
 class IQAAdapterEncodeReference(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id=NODE,
-            display_name="IQA-Adapter Encode Reference",
-            category=CATEGORY,
-            description="Reference-based IQA-Adapter: the IQA model's activations on the reference image(s) "
-                        "(layers named by the adapter's descriptor, average-pooled) are projected to quality "
-                        "tokens, one token row per reference image. Transfers quality traits, not content.",
+        return presentation.schema(
+            NODE, presentation.GENERATE,
+            description="Take the look of a reference image's quality (sharpness, noise, aesthetics), not its "
+                        "content: needs a reference-kind adapter and the quality metric it was trained with. One "
+                        "token row per reference image.",
             inputs=[
                 io.Custom("IQA_ADAPTER").Input("adapter", tooltip="A reference-kind adapter (descriptor kind 'reference')."),
                 io.Image.Input("reference", tooltip="Reference image(s) whose quality traits to transfer."),

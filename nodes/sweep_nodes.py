@@ -19,9 +19,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..adapter import errors, files, iqa_models, projection, quality, sweep
+from . import graph, presentation
+from .adapter_nodes import batch_problem, known_metric_names
 from .limits import host_batch_cap
-
-CATEGORY = "IQA-Adapter"
 IQAAdapterType = io.Custom("IQA_ADAPTER")
 QualityTokensType = io.Custom("QUALITY_TOKENS")
 TargetsType = io.Custom("IQA_TARGETS")
@@ -35,13 +35,11 @@ _fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a V
 class IQATargetSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="IQATargetSweep",
-            display_name="IQA-Adapter Target Sweep",
-            category=CATEGORY,
-            description="Quality tokens for a sweep of targets (one row per target, e.g. percentile 1 -> 99: a "
-                        "degradation study). Feed the tokens to IQA-Adapter Apply and 'count' to the latent batch "
-                        "size: one sampler run renders every target.",
+        return presentation.schema(
+            "IQATargetSweep", presentation.SWEEP,
+            description="Quality tokens for a row of targets, e.g. percentile 1 -> 99 (a degradation study). Feed "
+                        "the tokens to Apply Quality Adapter and 'count' to the latent batch size: one sampler run "
+                        "renders every target.",
             inputs=[
                 IQAAdapterType.Input("adapter"),
                 io.String.Input("metrics", default="",
@@ -73,7 +71,33 @@ class IQATargetSweep(io.ComfyNode):
                 io.Int.Output(display_name="count"),
                 io.String.Output(display_name="targets_text"),
             ],
+            hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, metrics=None, start=None, stop=None, steps=None, mode=None, spacing=None):
+        node = "IQATargetSweep"
+        if metrics is not None:
+            known = known_metric_names()
+            for name in (m.strip() for m in str(metrics).replace(";", ",").split(",")):
+                if name and name not in known:
+                    return presentation.invalid(node, "metrics", f"unknown metric {presentation.quoted(name)}"
+                                                                 f"{presentation.did_you_mean(name, known)}")
+        if mode == "percentile":
+            for input_name, label, value in (("start", "from", start), ("stop", "to", stop)):
+                if value is not None and not 0.0 < value < 100.0:
+                    return presentation.invalid(node, input_name, f"'{label}' is a percentile here: expected 1 to "
+                                                                  f"99 (strictly between 0 and 100), got {value:g}")
+        if None in (start, stop, steps, mode, spacing):
+            return True
+        try:
+            count = len(sweep.sweep_values(start, stop, steps, spacing, mode))
+        except ValueError as error:
+            return presentation.invalid(node, "steps", str(error))
+        recorded = graph.recorded_batches(cls.hidden.unique_id if cls.hidden else None,
+                                          {"start": start, "stop": stop, "steps": steps, "spacing": spacing})
+        problem = batch_problem(count, recorded)
+        return presentation.invalid(node, "steps", problem) if problem else True
 
     @classmethod
     @errors.node_errors("IQATargetSweep", "from/to")
@@ -142,7 +166,7 @@ def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float
         try:
             out[str(metric)] = [float(v) for v in values]
         except (TypeError, ValueError):
-            _fail(node, input_name, f"scores of {metric!r} are not a list of numbers")
+            _fail(node, input_name, f"scores of {presentation.quoted(metric)} are not a list of numbers")
     return out
 
 
@@ -160,12 +184,11 @@ def _directions(scores) -> dict[str, bool]:
 class IQASweepReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="IQASweepReport",
-            display_name="IQA-Adapter Sweep Report",
-            category=CATEGORY,
+        return presentation.schema(
+            "IQASweepReport", presentation.SWEEP,
             description="Report of a target sweep: labelled image grid, chart of measured score vs target "
-                        "(Spearman's rho, ideal monotone line), and CSV + JSON tables, saved in the output folder.",
+                        "(Spearman's rho, ideal line), CSV + JSON tables in the output folder. Seed, prompt, "
+                        "checkpoint and adapter are read from the graph.",
             inputs=[
                 io.Image.Input("images", tooltip="The sweep's images, image i rendered with target i."),
                 TargetsType.Input("targets", tooltip="From IQA-Adapter Target Sweep."),
@@ -175,12 +198,8 @@ class IQASweepReport(io.ComfyNode):
                                  tooltip="Score the images here with this metric (when no 'scores' are wired)."),
                 io.String.Input("filename_prefix", default="iqa_sweep/sweep",
                                 tooltip="Path prefix inside the output folder."),
-                io.String.Input("prompt_text", default="", optional=True, tooltip="The prompt, for the table (optional)."),
-                io.Int.Input("sample_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
-                             tooltip="The sampler's seed, for the table (optional)."),
-                io.String.Input("model_name", default="", optional=True, tooltip="Checkpoint name, for the table (optional)."),
-                io.String.Input("adapter_name", default="", optional=True, tooltip="Adapter name, for the table (optional)."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             outputs=[
                 io.Image.Output(display_name="grid"),
                 io.Image.Output(display_name="chart"),
@@ -191,8 +210,7 @@ class IQASweepReport(io.ComfyNode):
 
     @classmethod
     @errors.node_errors("IQASweepReport", "images")
-    def execute(cls, images, targets, filename_prefix, scores=None, scores_2=None, metric=None, prompt_text="",
-                sample_seed=0, model_name="", adapter_name="") -> io.NodeOutput:
+    def execute(cls, images, targets, filename_prefix, scores=None, scores_2=None, metric=None) -> io.NodeOutput:
         node = "IQASweepReport"
         if not isinstance(targets, sweep.SweepTargets):
             _fail(node, "targets", "expected IQA_TARGETS from IQA-Adapter Target Sweep")
@@ -238,18 +256,29 @@ class IQASweepReport(io.ComfyNode):
                 name = f"{stem}_img{i:03}.png"
                 files.create_new(os.path.join(full_folder, name), sweep.png_bytes((array[i] * 255.0 + 0.5).astype(np.uint8)))
                 image_names.append(name)
-            meta = {"prompt": prompt_text or "", "seed": int(sample_seed or 0), "model": model_name or "",
-                    "adapter": adapter_name or ""}
+            meta = cls.graph_facts()
             report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions)
         text = sweep.summary_text(report["summary"])
+        markdown = sweep.summary_markdown(report["summary"], meta)
         ui_images = [{"filename": report["paths"][k].name, "subfolder": subfolder, "type": "output"}
                      for k in ("grid", "chart")]
         grid = torch.from_numpy(report["grid"].astype(np.float32) / 255.0)[None]
         chart = torch.from_numpy(report["chart"].astype(np.float32) / 255.0)[None]
         written = {k: os.path.join(subfolder, p.name) for k, p in report["paths"].items()}
         rho = {m: (s["rho"] if math.isfinite(s["rho"]) else None) for m, s in report["summary"].items()}
-        return io.NodeOutput(grid, chart, text, ui={"images": ui_images, "text": [text],
+        return io.NodeOutput(grid, chart, text, ui={"images": ui_images, **presentation.markdown(markdown),
                                                    "report": [json.dumps({"files": written, "rho": rho})]})
+
+    @classmethod
+    def graph_facts(cls) -> dict:
+        """Seed, prompt, checkpoint and adapter of the sampler behind this node's images ('' if not literal)."""
+        prompt = getattr(cls.hidden, "prompt", None) if cls.hidden else None
+        node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden else None
+        images = (prompt or {}).get(str(node_id), {}).get("inputs", {}).get("images")
+        if not isinstance(images, list) or not images:
+            return {"prompt": "", "seed": "", "model": "", "adapter": ""}
+        facts = graph.generation_facts(prompt, images[0])
+        return {**facts, "seed": "" if facts["seed"] is None else facts["seed"]}
 
 
 NODES = [IQATargetSweep, IQASweepReport]

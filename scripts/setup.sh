@@ -66,7 +66,7 @@ fi
 comfy="$host_dir/ComfyUI"
 
 # 4. host and pack requirements (torch lines filtered: the host must not replace torch)
-req_hash="$(cat "$comfy/requirements.txt" "$root/requirements.txt" $( [ "${IQA_SETUP_TEST:-0}" = 1 ] && echo "$root/requirements-dev.txt" ) | sha1sum | cut -c1-16)"
+req_hash="$(cat "$comfy/requirements.txt" "$root/requirements.txt" $( [ "${IQA_SETUP_TEST:-0}" = 1 ] && echo "$root/requirements-dev.txt $root/requirements-train.txt" ) | sha1sum | cut -c1-16)"
 if ! stamp_ok "$venv/.req-stamp" "$req_hash"; then
   log "installing host and pack requirements"
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$comfy/requirements.txt" > "$host_dir/host-requirements.txt"

@@ -9,9 +9,10 @@ One prompt is queued per item (prompt, seed, target) with --url's server or a se
 same report as the IQASweepReport node is written: sweep_grid.png, sweep_chart.png, sweep.csv, sweep.json.
 
 How the nodes of your workflow are found (override with the --*-node options, by node id):
-  * targets: every IQAAdapterEncodeTarget gets targets="" and target=<value> (all of the adapter's
-    metrics at that value) and mode=--mode; or, with --targets-text, 'targets' = the text with '{t}'
-    replaced by the value (e.g. "topiq_nr={t}, laion_aes=50");
+  * targets: every IQAAdapterEncodeTarget gets quality="custom", targets="" and percentile=<value>
+    (all of the adapter's metrics at that percentile); or, with --targets-text, 'targets' = the text with
+    '{t}' replaced by the value (e.g. "topiq_nr={t}, laion_aes=50") in --mode units, metrics it leaves
+    out at percentile 50;
   * prompt: the CLIPTextEncode whose title contains "positive" (case-insensitive), else the one wired
     to the sampler's `positive` input;
   * seed: the `seed` / `noise_seed` input of every sampler (KSampler, KSamplerAdvanced, RandomNoise, ...);
@@ -77,11 +78,15 @@ def prepare_graph(api: dict, prompt: str, seed: int, target: float, args) -> dic
         raise SweepError("the workflow has no IQAAdapterEncodeTarget node (pass --target-node)")
     for node_id in target_nodes:
         inputs = graph[node_id]["inputs"]
+        inputs["quality"] = "custom"
         if args.targets_text:
             inputs["targets"] = args.targets_text.replace("{t}", f"{target:g}")
+            inputs["percentile"] = 50.0  # metrics the text leaves out stay at the median
         else:
+            if args.mode != "percentile":
+                raise SweepError(f"--mode {args.mode} needs --targets-text (the quality slider is a percentile)")
             inputs["targets"] = ""
-            inputs["target"] = float(target)
+            inputs["percentile"] = float(target)
         inputs["mode"] = args.mode
     graph[args.prompt_node or find_prompt_node(graph)]["inputs"]["text"] = prompt
     seeded = 0

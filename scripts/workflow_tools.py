@@ -474,8 +474,8 @@ def example_specs() -> dict:
 
     def quality_target(b, ckpt, adapter, size, steps, cfg, negative, note):
         c, pos, neg, a = _text_to_image(b, ckpt, adapter, size, steps, cfg, negative)
-        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "topiq_nr=99, laion_aes=99", "target": 99.0,
-                                                "mode": "percentile"}, {"adapter": (a, 0)}, size=[360, 200])
+        t = b.add("IQAAdapterEncodeTarget", 1, {"quality": "best", "percentile": 99.0, "targets": ""},
+                  {"adapter": (a, 0)}, size=[360, 200])
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
                    size=[300, 160])
         lat = b.add("EmptyLatentImage", 2, {"width": size, "height": size, "batch_size": 1}, size=[300, 110])
@@ -489,8 +489,9 @@ def example_specs() -> dict:
         quality_target(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "",
                        "IQA-Adapter on SDXL: the image is generated at a quality target, the 99th CC3M percentile "
                        "of both metrics the adapter was trained on (topiq_nr, laion_aes). Put the adapter weights "
-                       "in models/iqa_adapter. Lower targets (e.g. 1) degrade the image on purpose; 'weight' scales "
-                       "the adapter's effect. Rows in 'targets' separated by ';' make a batch, one target per image.")
+                       "in models/iqa_adapter. Pick quality 'best' ... 'worst' (or 'custom' + the percentile slider); "
+                       "low targets degrade the image on purpose; 'weight' scales the adapter's effect. Rows typed "
+                       "in 'targets' make a batch, one target per image (wire 'count' into batch_size).")
 
     def sd15(b):
         quality_target(b, SD15_CKPT, SD15_ADAPTER, 512, 30, 7.5, SD15_NEGATIVE,
@@ -540,7 +541,7 @@ def example_specs() -> dict:
 
     def guidance(b):
         c, pos, neg, a = _text_to_image(b, SDXL_CKPT, SDXL_ADAPTER, 1024, 30, 5.0, "")
-        t = b.add("IQAAdapterEncodeTarget", 1, {"targets": "", "target": 99.0, "mode": "percentile"},
+        t = b.add("IQAAdapterEncodeTarget", 1, {"quality": "best", "percentile": 99.0, "targets": ""},
                   {"adapter": (a, 0)}, size=[360, 200])
         ap = b.add("IQAAdapterApply", 2, {"weight": 1.0}, {"model": (c, 0), "adapter": (a, 0), "tokens": (t, 0)},
                    size=[300, 160])

@@ -559,3 +559,14 @@ def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
     written = files.write_csv(foreign, ["metric", "score"], [{"metric": "-1+2", "score": -1.5}], append=True)
     assert foreign.read_text() == "a,b\n1,2\n" and written.name == "s_2.csv"
     assert written.read_text().splitlines() == ["metric,score", "'-1+2,-1.5"]
+    # sweep reports: user text from the graph is neutralised, a second report never overwrites the first
+    from comfyui_iqa_adapter.adapter import sweep
+    import csv
+    targets = sweep.build_sweep(["topiq_nr"], "", 10.0, 90.0, 3)
+    hostile = {"prompt": '=HYPERLINK("http://example.invalid")', "model": "+cmd $\\frac{$", "adapter": "@SUM(1)"}
+    first = sweep.write_report(tmp_path, "r", targets, {"topiq_nr": [0.1, 0.5, 0.9]}, None, ["a", "b", "c"], hostile)
+    second = sweep.write_report(tmp_path, "r", targets, {"topiq_nr": [0.2, 0.5, 0.8]}, None, ["a", "b", "c"], hostile)
+    assert set(first["paths"].values()).isdisjoint(second["paths"].values())
+    rows = list(csv.DictReader(first["paths"]["csv"].open(newline="")))
+    assert all(row["prompt"] == "'" + hostile["prompt"] and row["model"] == "'" + hostile["model"]
+               and row["adapter"] == "'" + hostile["adapter"] for row in rows), rows[0]

@@ -12,15 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import PromptRejected
+
 TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
 
 
 def adapter_graph(txt2img, targets="", target=99.0, weight=1.0, batch=1, prefix="iqa_nodes", adapter=TINY_ADAPTER,
                   mode="percentile"):
+    """`target` is the percentile slider (quality 'custom')."""
     graph = txt2img(batch=batch, prefix=prefix, steps=2)
     graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
     graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "targets": targets, "target": target, "mode": mode, "negative_scale": 0.0}}
+        "adapter": ["10", 0], "quality": "custom", "percentile": target, "targets": targets, "mode": mode,
+        "negative_scale": 0.0}}
     graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
         "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": weight, "start_at": 0.0, "end_at": 1.0}}
     graph["5"]["inputs"]["model"] = ["12", 0]
@@ -60,8 +64,12 @@ def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
 
 
 def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
-    result = comfy_server.run(adapter_graph(txt2img, targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1",
-                                            batch=3, prefix="iqa_badbatch"))
+    """A batch size the graph does not state literally (here: repeated latents) is checked when sampling."""
+    graph = adapter_graph(txt2img, targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1", batch=1,
+                          prefix="iqa_badbatch")
+    graph["13"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 3}}
+    graph["5"]["inputs"]["latent_image"] = ["13", 0]
+    result = comfy_server.run(graph)
     assert not result.ok
     message = result.error_message()
     assert "IQAAdapterApply: tokens" in message and "2 targets" in message and "latent batch is 3" in message
@@ -69,15 +77,27 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
 
 
 @pytest.mark.parametrize("targets,target,expected", [
-    ("", 100.0, "IQAAdapterEncodeTarget: target: percentile must be in (0, 100), got 100"),
-    ("topiq_nr=99, laion_aes=100", 99.0, "IQAAdapterEncodeTarget: targets: percentile must be in (0, 100), got 100"),
-    ("topiq_nr=99", 99.0, "IQAAdapterEncodeTarget: targets: "),
-    ("topiq_nr=99, laion_aes=high", 99.0, "IQAAdapterEncodeTarget: targets: "),
+    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got '100.0'"),
+    ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
+    ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])
 def test_bad_targets_name_the_node_and_input(comfy_server, txt2img, targets, target, expected):
-    result = comfy_server.run(adapter_graph(txt2img, targets=targets, target=target, prefix="iqa_badtarget"))
-    assert not result.ok
-    assert expected in result.error_message(), result.error_message()
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(adapter_graph(txt2img, targets=targets, target=target, prefix="iqa_badtarget"))
+    assert expected in str(rejected.value), rejected.value
+
+
+def test_a_row_naming_some_metrics_takes_the_rest_from_the_slider(comfy, tiny_checkpoint, host_dir):
+    from comfyui_iqa_adapter.nodes import adapter_nodes
+
+    (adapter,) = adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args
+    partial = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "custom", 30.0, "topiq_nr=90", "percentile", 0.0)
+    full = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "custom", 30.0, "topiq_nr=90, laion_aes=30",
+                                                        "percentile", 0.0)
+    assert partial.args[1] == 1 and torch.equal(partial.args[0].cond, full.args[0].cond)
+    preset = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "good", 75.0, "", "percentile", 0.0)
+    slider = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "custom", 75.0, "", "percentile", 0.0)
+    assert torch.equal(preset.args[0].cond, slider.args[0].cond)
 
 
 @pytest.fixture
@@ -122,7 +142,7 @@ def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapt
         result = comfy_server.run(adapter_graph(txt2img, adapter=name, prefix=f"iqa_bad_{case}"))
         assert not result.ok, case
         message = result.error_message()
-        assert message.startswith("IQAAdapterLoader: IQAAdapterLoader: adapter_name:"), message
+        assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
         assert name in message and expected in message, message
         assert comfy_server.alive()
     assert not marker.exists(), "the malicious pickle ran code"
@@ -151,7 +171,7 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     options_before = copy.deepcopy(model.model_options)
     state_before = {k: v.clone() for k, v in model.model.state_dict().items()}
     (adapter,) = adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args
-    (tokens,) = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "", 99.0, "percentile", 0.0).args
+    tokens, _count = adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "best", 99.0, "", "percentile", 0.0).args
     (patched,) = adapter_nodes.IQAAdapterApply.execute(model, adapter, tokens, 1.0, 0.0, 1.0).args
     gen = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)

@@ -15,6 +15,8 @@ import urllib.request
 
 import pytest
 
+from test_workflows import tiny_assets  # noqa: F401 - fixture: tiny metric weights, adapters, input images
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UI_DIR = ROOT / "workflows" / "ui"
 API_DIR = ROOT / "workflows" / "api"
@@ -148,3 +150,103 @@ def test_workflow_layout_in_frontend(page, path):
         if left < 0 or top < 0 or left + w * scale > view_w or top + h * scale > view_h:
             outside.append((n["id"], n["name"]))
     assert outside == [], f"{path.name}: nodes outside the default view ({view_w}x{view_h}): {outside}"
+
+
+# ------------------------------------------------------------------------------------------ Run, scores shown
+
+# Ask the tiny models and a weight-free metric for what the example names (users' files are not here).
+TINY_WIDGETS = """(node, tiny) => {
+    for (const w of node.widgets || []) {
+        if (w.name === 'ckpt_name') w.value = tiny.checkpoint;
+        if (w.name === 'adapter_name') w.value = tiny.adapter;
+        if (node.type === 'EmptyLatentImage' && (w.name === 'width' || w.name === 'height')) w.value = 64;
+        if ((node.type === 'KSampler' || node.type === 'KSamplerAdvanced') && w.name === 'steps') w.value = 2;
+        if (node.type === 'IQATargetSweep' && w.name === 'steps') w.value = 4;
+        if (node.type === 'IQAMetricLoader' && w.name === 'metric') w.value = tiny.metric;
+        if (node.type === 'IQAMetricLoader' && w.name === 'device') w.value = 'cpu';
+    }
+}"""
+RUN_EXAMPLES = ["score_images", "degradation_sweep"]  # scoring only; generating + scoring + sweep report
+
+
+def _click_run(page):
+    for locator in (page.get_by_role("button", name="Run", exact=True),
+                    page.locator("[data-testid='queue-button']"),
+                    page.get_by_role("button", name="Queue", exact=False)):
+        if locator.count():
+            locator.first.click()
+            return
+    raise AssertionError("no Run button found in the frontend")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", RUN_EXAMPLES)
+def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
+    """Load the example, point it at the tiny models, click Run, and find the scores on the page: the
+    score table rendered on each scoring node, and the score card it previews."""
+    workflow = json.loads((UI_DIR / f"{name}.json").read_text())
+    tiny = {"checkpoint": "tiny_sd15.safetensors", "adapter": "tiny_sd15_iqa_adapter.safetensors", "metric": "piqe"}
+    page.evaluate(
+        """async ([workflow, tiny]) => {
+            const app = window.app;
+            await app.loadGraphData(workflow, true, true, null);
+            const setTiny = %s;
+            for (const node of (app.graph._nodes || app.graph.nodes)) setTiny(node, tiny);
+            app.graph.setDirtyCanvas(true, true);
+        }""" % TINY_WIDGETS, [workflow, tiny])
+    page.keyboard.press("Escape")
+    _click_run(page)
+    expected = ["piqe", "Spearman rho"] if name == "degradation_sweep" else ["piqe"]
+    page.wait_for_function(
+        """(expected) => expected.every(text => Array.from(document.querySelectorAll('.iqa-scores'))
+                                                .some(e => e.innerText.includes(text)))""",
+        arg=expected, timeout=600_000)
+    page.wait_for_timeout(1000)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"run_{name}.png"))
+    shown = page.evaluate(
+        """() => {
+            const app = window.app;
+            const nodes = (app.graph._nodes || app.graph.nodes).filter(n => n.type === 'IQAScore');
+            return {
+                tables: Array.from(document.querySelectorAll('.iqa-scores')).map(e => e.innerText),
+                cards: nodes.map(n => (n.imgs && n.imgs.length) || (app.nodeOutputs && app.nodeOutputs[n.id]
+                                       && (app.nodeOutputs[n.id].images || []).length) || 0),
+            };
+        }""")
+    tables = [t for t in shown["tables"] if "piqe" in t]
+    assert tables, shown
+    numbers = [line for t in tables for line in t.splitlines() if line.strip()[:1].isdigit()]
+    assert numbers, f"no score rows on the page: {tables}"
+    assert any("lower is better" in t or "↓" in t for t in tables), tables
+    assert shown["cards"] and all(count >= 1 for count in shown["cards"]), f"score card not previewed: {shown}"
+    if name == "degradation_sweep":
+        assert any("Spearman rho" in t for t in shown["tables"]), shown["tables"]
+    assert not page.page_errors, page.page_errors
+
+
+def test_pack_nodes_are_findable_and_documented(comfy_server):
+    """Sub-categories, display names with 'Quality', and a help page per node where the frontend looks for
+    it (/extensions/<pack folder>/docs/<node id>.md)."""
+    info = comfy_server.object_info()
+    ours = {name: node for name, node in info.items() if node.get("category", "").startswith("IQA-Adapter")}
+    assert len(ours) >= 11
+    for name, node in ours.items():
+        assert node["category"].count("/") == 1, (name, node["category"])
+        assert "Quality" in node["display_name"], (name, node["display_name"])
+        assert "search_aliases" not in node or "quality" in node["search_aliases"]
+        pack = node["python_module"].split(".", 1)[1]
+        with urllib.request.urlopen(f"{comfy_server.url}/extensions/{pack}/docs/{name}.md", timeout=30) as response:
+            text = response.read().decode()
+        assert text.startswith(f"# {node['display_name']}"), (name, text[:80])
+    metric_options = ours["IQAMetricLoader"]["input"]["required"]["metric"]
+    options = metric_options[1]["options"] if metric_options[0] == "COMBO" else metric_options[0]
+    from comfyui_iqa_adapter.models import metrics
+    full_reference = [metrics.is_full_reference(n) for n in options]
+    assert full_reference == sorted(full_reference), "no-reference metrics first, then full-reference ones"
+    from comfyui_iqa_adapter.adapter import iqa_models
+    folder = [str(comfy_server.models_dir / "iqa")]
+    not_ready = [n for n in options if not metrics.is_full_reference(n)
+                 and iqa_models.missing_weight_files(n, folder, plan=False) != []]
+    assert all(options.index("piqe") < options.index(n) for n in not_ready), "metrics that load here come first"
+    assert "piqe" in metric_options[-1]["tooltip"] and "Weight-free" in metric_options[-1]["tooltip"]

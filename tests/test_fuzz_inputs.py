@@ -72,7 +72,7 @@ def run_node(node: str, inputs: set[str], call):
         return call()
     except errors.NodeInputError as error:
         message = str(error)
-        assert message.startswith(f"{node}: "), message[:300]
+        assert message.startswith(f"{errors.NODE_NAMES.get(node, node)}: "), message[:300]
         assert error.input_name in inputs, f"blamed {error.input_name!r}, expected one of {inputs}: {message[:300]}"
         assert len(message) <= MESSAGE_BOUND, f"{len(message)}-character message"
         return None
@@ -101,8 +101,9 @@ TARGET_TEXT = st.one_of(st.lists(ROW, max_size=6).map("; ".join), st.text(max_si
        negative_scale=st.one_of(st.floats(-10, 10), st.just(math.nan), st.just(math.inf)))
 def test_fuzz_target_text(pack, text, mode, negative_scale):
     adapter_nodes, adapter, *_ = pack
-    result = run_node("IQAAdapterEncodeTarget", {"targets", "target", "mode", "negative_scale"},
-                      lambda: adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, text, 50.0, mode, negative_scale))
+    result = run_node("IQAAdapterEncodeTarget", {"targets", "quality", "percentile", "mode", "negative_scale"},
+                      lambda: adapter_nodes.IQAAdapterEncodeTarget.execute(adapter, "custom", 50.0, text, mode,
+                                                                           negative_scale))
     if result is not None:
         check_tokens(result.args[0])
 

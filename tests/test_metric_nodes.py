@@ -32,14 +32,20 @@ def _write_png(path, seed: int, smooth: bool = False):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
 
 
-def test_metric_loader_offers_paper_metrics_first(comfy_server):
+def test_metric_loader_offers_ready_then_paper_metrics_first(comfy_server):
     info = comfy_server.object_info()
     for node in ("IQAMetricLoader", "IQAScore", "IQAAdapterEncodeReference"):
         assert node in info, f"{node} not registered"
     options = info["IQAMetricLoader"]["input"]["required"]["metric"]
     names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
-    assert names[:3] == ["topiq_nr-flive", "topiq_nr", "topiq_nr-spaq"]
-    assert "piqe" in names
+    from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.models.metrics import PAPER_METRICS
+
+    folder = [str(comfy_server.models_dir / "iqa")]
+    ready = [n for n in names if iqa_models.missing_weight_files(n, folder, plan=False) == []]
+    assert "piqe" in ready and names.index("piqe") < names.index("topiq_nr-flive") or "topiq_nr-flive" in ready
+    missing_paper = [n for n in names if n in PAPER_METRICS and n not in ready]
+    assert missing_paper == [n for n in PAPER_METRICS if n not in ready], "the paper's metrics keep their order"
 
 
 def test_score_workflow_equals_pyiqa(comfy_server):
@@ -56,8 +62,10 @@ def test_score_workflow_equals_pyiqa(comfy_server):
     }
     result = comfy_server.run(prompt, timeout=300)
     assert result.ok, result.error_message()
-    table = result.outputs["3"]["text"][0]
-    assert "piqe (lower better)" in table
+    table = result.outputs["3"]["text"][0]  # Markdown shown on the node, with the metric's direction
+    assert "piqe (↓)" in table and "lower is better" in table and "| 1 |" in table, table
+    (card,) = result.outputs["3"]["images"]  # the score card, previewed by the node
+    assert card["type"] == "temp" and comfy_server.output_file(card).stat().st_size > 0
     rows = [json.loads(line) for line in (comfy_server.output_dir / f"{prefix}.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["metric"] == "piqe" and rows[0]["lower_better"] is True
     expected = pyiqa.create_metric("piqe", device="cpu")(torch.from_numpy(pixels).permute(2, 0, 1)[None]).item()
@@ -75,7 +83,7 @@ def test_score_node_reports_missing_reference(comfy_server):
     }
     result = comfy_server.run(prompt, timeout=300)
     assert not result.ok
-    assert "IQAScore: reference" in result.error_message() and "full-reference" in result.error_message()
+    assert "Quality Score: reference" in result.error_message() and "full-reference" in result.error_message()
 
 
 @pytest.fixture(scope="module")

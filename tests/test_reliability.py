@@ -131,7 +131,8 @@ def tokens_graph(adapter_name: str, targets: str = "", target: float = 50.0, mod
     return {
         "10": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter_name}},
         "11": {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-            "adapter": ["10", 0], "targets": targets, "target": target, "mode": mode, "negative_scale": 0.0}},
+            "adapter": ["10", 0], "quality": "custom", "percentile": target, "targets": targets, "mode": mode,
+            "negative_scale": 0.0}},
         "13": {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["11", 0],
                                                                 "filename_prefix": unique_prefix("tokens")}},
     }
@@ -145,7 +146,8 @@ def adapter_graph(adapter_name: str = TINY_ADAPTER, targets: str = "", target: f
                                 prefix=prefix or unique_prefix("iqa"))
     prompt["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter_name}}
     prompt["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "targets": targets, "target": target, "mode": mode, "negative_scale": 0.0}}
+        "adapter": ["10", 0], "quality": "custom", "percentile": target, "targets": targets, "mode": mode,
+        "negative_scale": 0.0}}
     prompt["12"] = {"class_type": "IQAAdapterApply", "inputs": {
         "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": weight, "start_at": start_at,
         "end_at": end_at}}
@@ -375,14 +377,14 @@ def test_adapter_without_descriptor_or_sidecar(server, scratch, tiny_adapter):
     ("not_a_metric=50", "not_a_metric"),
 ])
 def test_bad_targets_text(server, targets, needle):
-    expect_exec_error(server, tokens_graph(TINY_ADAPTER, targets=targets), "IQAAdapterEncodeTarget", "targets",
-                      needle)
+    expect_refused(server, tokens_graph(TINY_ADAPTER, targets=targets), "IQAAdapterEncodeTarget", "targets",
+                   needle)
 
 
 def test_bad_target_widget(server):
-    expect_exec_error(server, tokens_graph(TINY_ADAPTER, target=100.0), "IQAAdapterEncodeTarget", "target", "(0, 100)")
-    expect_exec_error(server, tokens_graph(TINY_ADAPTER, target=-3.0), "IQAAdapterEncodeTarget", "target", "(0, 100)")
-    expect_rejected(server, tokens_graph(TINY_ADAPTER, target=1e9), "IQAAdapterEncodeTarget", "target")
+    expect_rejected(server, tokens_graph(TINY_ADAPTER, target=100.0), "IQAAdapterEncodeTarget", "percentile")
+    expect_rejected(server, tokens_graph(TINY_ADAPTER, target=-3.0), "IQAAdapterEncodeTarget", "percentile")
+    expect_rejected(server, tokens_graph(TINY_ADAPTER, target=1e9), "IQAAdapterEncodeTarget", "percentile")
     expect_refused(server, tokens_graph(TINY_ADAPTER, mode="percentage"), "IQAAdapterEncodeTarget", "mode")
 
 
@@ -405,11 +407,15 @@ def test_weight_and_schedule_values(server):
     expect_rejected(server, adapter_graph(end_at=1.5), "IQAAdapterApply", "end_at")
     # NaN passes the host's min/max comparison: the node must catch it
     expect_exec_error(server, adapter_graph(weight=float("nan")), "IQAAdapterApply", "weight", "finite")
-    expect_exec_error(server, adapter_graph(start_at=0.8, end_at=0.2), "IQAAdapterApply", "start_at")
+    expect_rejected(server, adapter_graph(start_at=0.8, end_at=0.2), "IQAAdapterApply", "start_at")
 
 
 def test_token_rows_do_not_match_latent_batch(server):
     prompt = adapter_graph(targets="topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90", batch=3, seed=41)
+    expect_rejected(server, prompt, "IQAAdapterEncodeTarget", "targets")  # batch size literal: known at queue time
+    prompt["13"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 3}}
+    prompt["4"]["inputs"]["batch_size"] = 1
+    prompt["5"]["inputs"]["latent_image"] = ["13", 0]
     expect_exec_error(server, prompt, "IQAAdapterApply", "tokens", "2 targets", "3")
     # 1 row for a batch of 2 and 2 rows for 2 are both fine
     result = server.run(adapter_graph(targets="topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90", batch=2,
@@ -486,6 +492,7 @@ def test_unknown_metric_name_is_refused(server):
 # ---------------------------------------------------------------- load
 
 BAD_KINDS = ["percentile", "nan_weight", "start_after_end", "one_pixel_score", "batch_mismatch", "truncated_file"]
+QUEUE_TIME_KINDS = {"percentile", "start_after_end", "batch_mismatch"}
 
 
 def _bad_prompt(kind: str, index: int, truncated_name: str) -> tuple[dict, str, tuple[str, ...]]:
@@ -499,7 +506,7 @@ def _bad_prompt(kind: str, index: int, truncated_name: str) -> tuple[dict, str, 
         return score_graph(_empty_image(1, 1 + index % 2), ["30", 0]), "IQAScore", ("images",)
     if kind == "batch_mismatch":
         return (adapter_graph(targets="topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90", batch=3, seed=index),
-                "IQAAdapterApply", ("tokens",))
+                "IQAAdapterEncodeTarget", ("targets",))
     return tokens_graph(truncated_name), "IQAAdapterLoader", ("truncated",)
 
 
@@ -557,7 +564,11 @@ def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
         else:
             lost += 1
             failures.append(f"{kind}: {detail}")
-    for (kind, *_), error in rejected:
+    for (kind, node, needles, prompt), error in rejected:
+        # mistakes the graph shows (ranges, start > end, rows vs a literal batch size) are refused at queue time
+        if node is not None and kind in QUEUE_TIME_KINDS and node in json.dumps(error.body.get("node_errors", {})):
+            survived += 1
+            continue
         lost += 1
         failures.append(f"{kind}: unexpectedly rejected at validation: {error}")
     elapsed = time.monotonic() - started
@@ -735,8 +746,8 @@ def test_class1_memory_is_bounded_for_small_inputs(server, scratch, tiny_adapter
     assert warm.ok, warm.error_message()
     before = _rss_kib(pid)
     text = "\n".join(f"topiq_nr={5 + i % 90}, laion_aes=50" for i in range(8000))  # ~230 KB of text
-    expect_exec_error(server, adapter_graph(targets=text), "IQAAdapterEncodeTarget", "targets", "8000 target rows",
-                      "at most")
+    expect_exec_error(server, tokens_graph(TINY_ADAPTER, targets=text), "IQAAdapterEncodeTarget", "targets",
+                      "8000 target rows", "at most")
     many = _write_tokens_file(server.input_dir, "rows5000", 5000)
     expect_exec_error(server, load_tokens_graph(many), "IQAAdapterLoadTokens", "file", "5000 token rows", "at most")
     limit = projection.max_rows_for(tiny_adapter.info)
@@ -765,16 +776,16 @@ def test_class2_no_silent_black_images(server):
     expect_exec_error(server, sweep_tokens_graph(hold="1e30"), "IQATargetSweep", "hold")
     expect_exec_error(server, sweep_tokens_graph(hold="1e15"), "IQATargetSweep", "hold")
     message = expect_exec_error(server, sweep_tokens_graph(mode="raw", start=1.0, stop=999.0), "IQATargetSweep")
-    assert "IQATargetSweep: from" in message or "IQATargetSweep: to" in message, message
+    assert ": from: " in message or ": to: " in message, message
     for label, fill in (("huge", 1e30), ("nan", float("nan")), ("big", 5e4)):
         name = _write_tokens_file(server.input_dir, f"tokens_{label}", 2, fill=fill)
         expect_exec_error(server, load_tokens_graph(name), "IQAAdapterLoadTokens", "file", "quality tokens")
     # and the encode node, as before
-    expect_exec_error(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=1e30, laion_aes=0", mode="zscore"),
-                      "IQAAdapterEncodeTarget", "targets")
+    expect_refused(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=1e30, laion_aes=0", mode="zscore"),
+                   "IQAAdapterEncodeTarget", "targets")
 
 
-def _report_graph(prefix: str, prompt_text: str, model_name: str, adapter_name: str, seed: int = 1) -> dict:
+def _report_graph(prefix: str, seed: int = 1) -> dict:
     graph = sweep_tokens_graph(mode="percentile", start=10.0, stop=90.0, steps=3)
     del graph["13"]
     graph["30"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": ["14", 2],
@@ -782,17 +793,16 @@ def _report_graph(prefix: str, prompt_text: str, model_name: str, adapter_name: 
     graph["20"] = {"class_type": "IQAMetricLoader", "inputs": {"metric": SCORE_METRIC, "device": "cpu",
                                                                "differentiable": False}}
     graph["40"] = {"class_type": "IQASweepReport", "inputs": {
-        "images": ["30", 0], "targets": ["14", 1], "metric": ["20", 0], "filename_prefix": prefix,
-        "prompt_text": prompt_text, "sample_seed": seed, "model_name": model_name, "adapter_name": adapter_name}}
+        "images": ["30", 0], "targets": ["14", 1], "metric": ["20", 0], "filename_prefix": prefix}}
+    graph["30"]["inputs"]["color"] = 0x336699 + seed  # a different prompt each time (the host caches identical ones)
     return graph
 
 
 def test_class3_files_never_overwritten_and_safe_to_open(server):
     prefix = unique_prefix("report")
-    hostile = ('=HYPERLINK("http://example.invalid","x")', "+cmd|' /C calc'!A0 $\\frac{$ $x^$", "@SUM(1+1)")
     runs = []
     for seed in (1, 2):
-        result = server.run(_report_graph(prefix, *hostile, seed=seed), timeout=600)
+        result = server.run(_report_graph(prefix, seed=seed), timeout=600)
         assert result.ok, result.error_message()
         report = json.loads(result.outputs["40"]["report"][0])
         runs.append({kind: server.output_dir / rel for kind, rel in report["files"].items()})
@@ -803,10 +813,6 @@ def test_class3_files_never_overwritten_and_safe_to_open(server):
                 image.unlink()
     assert set(runs[0].values()).isdisjoint(runs[1].values()), f"the second report reused a file: {runs}"
     assert runs[0]["csv"].read_bytes() == first_csv and runs[0]["json"].exists()
-    import csv
-    rows = list(csv.DictReader(runs[1]["csv"].open(newline="", encoding="utf-8")))
-    assert rows and all(row["prompt"] == "'" + hostile[0] and row["model"] == "'" + hostile[1]
-                        and row["adapter"] == "'" + hostile[2] for row in rows), rows[:1]
     # scoring never appends to a CSV it did not write
     foreign_prefix = unique_prefix("foreign")
     foreign = server.output_dir / f"{foreign_prefix}.csv"
@@ -830,8 +836,9 @@ def test_class4_every_error_names_node_and_input(server, scratch, tiny_adapter):
     # the right input is blamed
     prompt = tokens_graph(TINY_ADAPTER)
     prompt["11"]["inputs"]["negative_scale"] = float("nan")
-    expect_exec_error(server, prompt, "IQAAdapterEncodeTarget", "IQAAdapterEncodeTarget: negative_scale")
-    expect_exec_error(server, sweep_tokens_graph(hold="not a number"), "IQATargetSweep", "IQATargetSweep: hold")
+    expect_refused(server, prompt, "IQAAdapterEncodeTarget", "negative_scale")
+    message = expect_exec_error(server, sweep_tokens_graph(hold="not a number"), "IQATargetSweep", "hold")
+    assert ": hold: " in message, message
     if "IQAGradientGuidance" in server.object_info():
         guided = adapter_graph(seed=3, steps=1)
         add_score(guided, ["6", 0], differentiable=True)
@@ -846,12 +853,12 @@ def test_class4_every_error_names_node_and_input(server, scratch, tiny_adapter):
     expect_exec_error(server, save, "IQAAdapterSaveTokens", "filename_prefix", "NUL")
     save["13"]["inputs"]["filename_prefix"] = "reltest/" + "n" * 300
     expect_exec_error(server, save, "IQAAdapterSaveTokens", "filename_prefix", "longer than")
-    expect_exec_error(server, load_tokens_graph("x\x00y.safetensors"), "IQAAdapterLoadTokens", "file", "NUL")
+    expect_refused(server, load_tokens_graph("x\x00y.safetensors"), "IQAAdapterLoadTokens", "file")
     # unbounded user input is quoted shortened
-    message = expect_exec_error(server, tokens_graph("a" * 1_000_000), "IQAAdapterLoader", "adapter_name")
+    message = expect_refused(server, tokens_graph("a" * 1_000_000), "IQAAdapterLoader", "adapter_name")
     assert len(message) < 4000, f"a 1 MB name gave a {len(message)}-character message"
-    message = expect_exec_error(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=" + "9x" * 500_000),
-                                "IQAAdapterEncodeTarget", "targets")
+    message = expect_refused(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=" + "9x" * 500_000),
+                             "IQAAdapterEncodeTarget", "targets")
     assert len(message) < 4000, f"a 1 MB target gave a {len(message)}-character message"
     # hostile files: deep JSON, numbers too large, sparse and meta tensors
     deep_sidecar = scratch.write_state_dict("deep_sidecar", tiny_state(tiny_adapter), sidecar=False)

@@ -71,7 +71,7 @@ def test_report_files(tmp_path):
     out = sweep.write_report(tmp_path, "s", t, {"topiq_nr": [0.3, 0.5, 0.6, 0.7]}, images,
                              [f"i{i}.png" for i in range(4)], {"prompt": "p", "seed": 3, "model": "m", "adapter": "a"})
     rows = list(csv.DictReader(open(out["paths"]["csv"])))
-    assert [r["target"] for r in rows] == ["1.0", "33.666666666666664", "66.33333333333333", "99.0"]
+    assert [r["target"] for r in rows] == ["1.0", "33.66667", "66.33333", "99.0"]  # no float noise
     assert rows[0]["prompt"] == "p" and rows[0]["seed"] == "3" and rows[0]["image"] == "i0.png"
     data = json.loads(out["paths"]["json"].read_text())
     assert data["summary"]["topiq_nr"]["rho"] == pytest.approx(1.0)
@@ -105,8 +105,7 @@ def sweep_graph(steps=8, metric="piqe", prefix="iqa_sweep/test"):
                                                        "chunk_size": 8, "save_rows": "none",
                                                        "filename_prefix": "iqa_scores/scores"}},
         "report": {"class_type": "IQASweepReport", "inputs": {
-            "images": ["decode", 0], "targets": ["sweep", 1], "scores": ["score", 0], "filename_prefix": prefix,
-            "prompt_text": "a lighthouse", "sample_seed": 7, "model_name": TINY_CHECKPOINT, "adapter_name": TINY_ADAPTER}},
+            "images": ["decode", 0], "targets": ["sweep", 1], "scores": ["score", 0], "filename_prefix": prefix}},
     }
 
 
@@ -125,7 +124,9 @@ def test_one_sampler_run_renders_the_whole_sweep(comfy_server):
     rows = data["rows"]
     assert len(rows) == 8 and [r["target"] for r in rows] == pytest.approx(sweep.sweep_values(1, 99, 8))
     assert {r["metric"] for r in rows} == {"piqe"} and rows[0]["lower_better"] is True
+    # seed, prompt, checkpoint and adapter come from the graph itself
     assert rows[0]["prompt"] == "a lighthouse" and rows[0]["seed"] == 7 and rows[0]["adapter"] == TINY_ADAPTER
+    assert rows[0]["model"] == TINY_CHECKPOINT
     rho = data["summary"]["piqe"]["rho"]
     assert rho is not None and -1.0 <= rho <= 1.0
     folder = comfy_server.output_dir / pathlib.Path(files["csv"]).parent
@@ -135,15 +136,19 @@ def test_one_sampler_run_renders_the_whole_sweep(comfy_server):
     first_last = np.abs(images[0] - images[-1]).mean()
     assert first_last > 0.5, f"targets 1 and 99 gave (nearly) the same image: mean |diff| {first_last}"
     assert len({im.tobytes() for im in images}) == 8
-    assert "Spearman rho" in result.outputs["report"]["text"][0]
+    shown = result.outputs["report"]["text"][0]
+    assert "Spearman rho" in shown and "a lighthouse" in shown and "| piqe |" in shown, shown
 
 
-def test_report_rejects_wrong_batch(comfy_server):
+def test_wrong_batch_is_refused_at_queue_time(comfy_server):
+    from conftest import PromptRejected
+
     graph = sweep_graph(steps=4, prefix="iqa_sweep/wrong")
     graph["latent"]["inputs"]["batch_size"] = 3
-    result = comfy_server.run(graph, timeout=600)
-    assert not result.ok
-    assert "IQAAdapterApply" in result.error_message() or "IQASweepReport: images" in result.error_message()
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.queue(graph)
+    text = json.dumps(rejected.value.body["node_errors"]["sweep"])
+    assert "Quality Target Sweep: steps: 4 target rows" in text and "count" in text, text
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -156,7 +161,8 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
     workflow["2"]["_meta"] = {"title": "Positive prompt"}
     workflow["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}}
     workflow["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["a", 0], "targets": "", "target": 50.0, "mode": "percentile", "negative_scale": 0.0}}
+        "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
+        "negative_scale": 0.0}}
     workflow["ap"] = {"class_type": "IQAAdapterApply", "inputs": {
         "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}}
     workflow["5"]["inputs"]["model"] = ["ap", 0]
@@ -199,11 +205,11 @@ def test_cli_finds_nodes_and_complains_clearly():
 
     graph = api_prompt_txt2img()
     assert cli.find_prompt_node(graph) == "2"  # wired to the sampler's positive input
-    graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {"targets": "x", "target": 1.0, "mode": "raw"}}
+    graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {"targets": "x", "percentile": 1.0, "mode": "raw"}}
     args = cli.build_parser().parse_args(["w.json"])
     prepared = cli.prepare_graph(graph, "a dog", 11, 25.0, args)
     assert prepared["2"]["inputs"]["text"] == "a dog" and prepared["5"]["inputs"]["seed"] == 11
-    assert prepared["t"]["inputs"] == {"targets": "", "target": 25.0, "mode": "percentile"}
+    assert prepared["t"]["inputs"] == {"quality": "custom", "targets": "", "percentile": 25.0, "mode": "percentile"}
     del graph["t"]
     with pytest.raises(cli.SweepError, match="IQAAdapterEncodeTarget"):
         cli.prepare_graph(graph, "a dog", 1, 1.0, args)
