@@ -12,6 +12,8 @@ is checkpoint key 2k+1. Everything here is pure: caching is the caller's busines
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pathlib
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import synthetic, tensor_files, training_layout
-from .descriptor import Descriptor, check_input_dim, resolve_descriptor
+from .descriptor import Descriptor, check_input_dim, resolve_descriptor, sidecar_path
 from .errors import InputError, quote
 from .files import file_signature
 
@@ -83,8 +85,22 @@ class IQAAdapter:
 
 
 def adapter_cache_key(path: str | os.PathLike) -> tuple:
-    """Changes when the file is replaced or rewritten, even with its mtime preserved (files.file_signature)."""
-    return file_signature(path)
+    """What a loaded adapter depends on: the weights' file signature (files.file_signature: size, mtime,
+    ctime, inode, head/tail hash, so a copy with a preserved mtime is noticed) + the descriptor signature.
+
+    The descriptor signature is the sidecar JSON's content hash (None without a sidecar), so an edited,
+    broken or deleted sidecar changes the key even when its mtime and size do not.
+    """
+    return (*file_signature(path), _sidecar_signature(sidecar_path(path)))
+
+
+def _sidecar_signature(side: pathlib.Path) -> str | None:
+    try:
+        return hashlib.sha256(side.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # unreadable: keyed by the error, the load reports it
+        return f"unreadable: {error}"
 
 
 # ---------------------------------------------------------------- reading

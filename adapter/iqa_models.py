@@ -558,8 +558,10 @@ def _set_offline_environment() -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """An explicit device. 'auto' is the host's choice and is resolved by the node layer (ComfyUI's
+    model management); host-free callers (scripts, tests) without one get the CPU."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     return torch.device(device)
 
 

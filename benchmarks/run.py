@@ -24,6 +24,7 @@ import common  # noqa: E402
 BENCHMARKS = [
     ("patch_overhead", "bench_patch_overhead.py"),
     ("sweep_batching", "bench_sweep.py"),
+    ("sweep_cluster", "bench_sweep_cluster.py"),
     ("scoring", "bench_scoring.py"),
     ("guidance", "bench_guidance.py"),
     ("memory", "bench_memory.py"),

@@ -26,7 +26,8 @@ IQAAdapterType = io.Custom("IQA_ADAPTER")
 QualityTokensType = io.Custom("QUALITY_TOKENS")
 TOKENS_EXTENSION = ".safetensors"
 
-# Loaded adapters by (resolved path, mtime_ns, size): a replaced file is read again.
+# Loaded adapters by weights file and descriptor (checkpoint.adapter_cache_key): a replaced weights file or an
+# edited, broken or deleted sidecar JSON is read again.
 _ADAPTER_CACHE: dict[tuple, checkpoint.IQAAdapter] = {}
 _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
@@ -36,16 +37,14 @@ _fail = errors.fail  # raises `Display Name: input: message` (errors.NodeInputEr
 
 
 def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
-    """Keyed by the weights' and the sidecar's signatures: a changed descriptor is read again too."""
-    sidecar = os.path.splitext(path)[0] + ".json"
-    key = (checkpoint.adapter_cache_key(path), _file_fingerprint(sidecar))
+    key = checkpoint.adapter_cache_key(path)
     with _ADAPTER_CACHE_LOCK:
         cached = _ADAPTER_CACHE.get(key)
     if cached is not None:
         return cached
     adapter = checkpoint.load_adapter(path)
     with _ADAPTER_CACHE_LOCK:
-        for stale in [k for k in _ADAPTER_CACHE if k[0][0] == key[0][0]]:
+        for stale in [k for k in _ADAPTER_CACHE if k[0] == key[0]]:
             del _ADAPTER_CACHE[stale]
         while len(_ADAPTER_CACHE) >= _ADAPTER_CACHE_SIZE:
             del _ADAPTER_CACHE[next(iter(_ADAPTER_CACHE))]
@@ -89,10 +88,10 @@ class IQAAdapterLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name):
+        # The same key as the adapter cache: the node re-runs when the weights or the descriptor change.
         try:
             path = folder_paths.get_full_path(ADAPTER_FOLDER, check_user_path(adapter_name, "adapter_name"))
-            sidecar = os.path.splitext(path)[0] + ".json" if path else None
-            return (_file_fingerprint(path), _file_fingerprint(sidecar))
+            return checkpoint.adapter_cache_key(path) if path else None
         except (ValueError, OSError):
             return None  # execute reports it
 

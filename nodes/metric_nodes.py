@@ -55,11 +55,12 @@ def _folder_fingerprint() -> tuple:
 
 def load_metric_for_graph(name: str, device: str = "auto", differentiable: bool = False) -> iqa_models.LoadedMetric:
     """Loader path shared by the nodes: host memory freed before a GPU build (the cache caps itself)."""
-    torch_device = iqa_models.resolve_device(device)
+    # 'auto' = where the host runs its models (follows --cpu, --cuda-device, MPS, XPU, DirectML)
+    torch_device = comfy.model_management.get_torch_device() if device == "auto" else torch.device(device)
     if torch_device.type != "cpu":
         # let ComfyUI offload its own models first (IQA nets are a few hundred MB at most)
         comfy.model_management.free_memory(1024 ** 3, torch_device)
-    return iqa_models.load_metric(name, metric_folders(), device, differentiable)
+    return iqa_models.load_metric(name, metric_folders(), str(torch_device), differentiable)
 
 
 def metric_choices() -> tuple[list[str], str]:
@@ -94,7 +95,7 @@ class IQAMetricLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("metric", options=options, default="topiq_nr", tooltip=tooltip),
                 io.Combo.Input("device", options=DEVICES, default="auto",
-                               tooltip="auto = the GPU when there is one, else the CPU."),
+                               tooltip="auto = the device ComfyUI runs its models on (follows --cpu, --cuda-device, ...)."),
                 io.Boolean.Input("differentiable", default=False,
                                  tooltip="On only for Quality Guidance (it needs gradients). Off for scoring."),
             ],

@@ -72,7 +72,7 @@ class ComfyServer:
     """One ComfyUI process on a free loopback port with its own output/input/user/temp folders."""
 
     def __init__(self, work_dir: pathlib.Path, comfy_dir: pathlib.Path | None = None,
-                 extra_args: list[str] | None = None, port: int | None = None):
+                 extra_args: list[str] | None = None, port: int | None = None, cpu: bool = True):
         self.comfy_dir = comfy_dir or host_dir()
         self.work_dir = pathlib.Path(work_dir)
         self.port = port or free_port()
@@ -84,6 +84,7 @@ class ComfyServer:
         self.log_path = self.work_dir / "server.log"
         self.models_dir = self.comfy_dir / "models"
         self.extra_args = extra_args or []
+        self.cpu = cpu  # False: the host picks its accelerator (the GPU a Ray worker was given)
         self.process: subprocess.Popen | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class ComfyServer:
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}: run `bash scripts/setup.sh` first")
         for d in (self.output_dir, self.input_dir, self.temp_dir, self.user_dir):
             d.mkdir(parents=True, exist_ok=True)
-        cmd = [host_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [host_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--output-directory", str(self.output_dir),
                "--input-directory", str(self.input_dir), "--temp-directory", str(self.temp_dir),
                "--user-directory", str(self.user_dir),

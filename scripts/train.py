@@ -95,7 +95,14 @@ def main(argv=None) -> int:
         mlp_hidden_dim=args.mlp_hidden, resolution=args.resolution, batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=args.lr, weight_decay=args.weight_decay, seed=args.seed,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, name=name, checkpoint=ckpt.name)
-    dataset = training_data.open_dataset(args.data, args.captions)
+    try:  # the descriptor the run will write must be valid before hours of labelling and training
+        from comfyui_iqa_adapter.adapter.descriptor import descriptor_from_dict
+
+        placeholder = {m: {"mean_val": 0.0, "std_val": 1.0} for m in config.metrics}
+        descriptor_from_dict(training.descriptor_dict(config, placeholder), source="train.py arguments")
+        dataset = training_data.open_dataset(args.data, args.captions)
+    except ValueError as error:
+        raise SystemExit(f"train: {error}") from None
     labels_dir = out / "labels"
     scores = {}
     # The main process scores (and caches) the labels; the others read its table.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import pickle
 import struct
@@ -102,6 +103,21 @@ def test_cache_key_changes_with_file(tmp_path):
     key = checkpoint.adapter_cache_key(path)
     save_file(small_dict(seed=5, num_tokens=4), str(path))
     assert checkpoint.adapter_cache_key(path) != key and key[0] == str(path.resolve())
+
+
+def test_cache_key_follows_the_sidecar_even_with_the_same_mtime_and_size(tmp_path):
+    path = save_st(tmp_path / "a.safetensors", small_dict(), sidecar={"metrics": ["topiq_nr", "laion_aes"]})
+    side = path.with_suffix(".json")
+    key = checkpoint.adapter_cache_key(path)
+    stat = side.stat()
+    side.write_text(side.read_text().replace('["topiq_nr", "laion_aes"]', '["laion_aes", "topiq_nr"]'))
+    os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert side.stat().st_size == stat.st_size
+    edited = checkpoint.adapter_cache_key(path)
+    assert edited != key and edited[:3] == key[:3]
+    side.unlink()
+    deleted = checkpoint.adapter_cache_key(path)
+    assert deleted[3] is None and len({key, edited, deleted}) == 3
 
 
 # ---------------------------------------------------------------- validation errors

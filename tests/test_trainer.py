@@ -320,3 +320,14 @@ def test_trainer_checkpoint_converts_loss_free(base, tmp_path):
         assert torch.equal(from_checkpoint.to_k_ip[position], released[training_layout.released_layer_key(position, "to_k_ip")])
     assert all(torch.equal(from_checkpoint.image_proj[k[len("image_proj."):]], v)
                for k, v in released.items() if k.startswith("image_proj."))
+
+
+def test_cli_refuses_bad_settings_before_loading_anything(host_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", COMFYUI_PATH=str(host_dir))
+    data = make_images(tmp_path / "images", 2)
+    cc3m = subprocess.run(_train_command(tmp_path / "a", data, ["--normalization", "cc3m"]), env=env,
+                          capture_output=True, text=True)
+    assert cc3m.returncode != 0 and "unknown metric 'piqe': it has no CC3M statistics" in cc3m.stderr
+    empty = subprocess.run(_train_command(tmp_path / "b", tmp_path / "nothing"), env=env, capture_output=True, text=True)
+    assert empty.returncode != 0 and "neither a folder nor a .tar shard" in empty.stderr
+    assert not (tmp_path / "a" / "labels").exists()
