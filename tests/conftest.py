@@ -61,6 +61,12 @@ def host_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def host_version(host_dir) -> tuple[int, ...]:
+    """The selected host's release version, e.g. (0, 33, 0): tests pick per-host expectations from it."""
+    return comfy_server_module.host_version(host_dir)
+
+
+@pytest.fixture(scope="session")
 def comfy(host_dir):
     """The host's `comfy` package imported in this process, forced to CPU."""
     if str(host_dir) not in sys.path:
@@ -99,7 +105,11 @@ def comfy_server(host_dir, pytestconfig):
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n[comfy_server] real ComfyUI started at {server.url} (log {server.log_path}); "
+            version = ".".join(map(str, comfy_server_module.host_version(host_dir)))
+            frontend = comfy_server_module.frontend_root()
+            reporter.write_line(f"\n[comfy_server] real ComfyUI {version} ({comfy_server_module.host_name()} host, "
+                                f"frontend {frontend.name if frontend else 'pinned by the host'}) started at "
+                                f"{server.url} (log {server.log_path}); "
                                 f"pack nodes in /object_info: {', '.join(pack_nodes) or 'NONE'}")
     yield server
     server.stop()
