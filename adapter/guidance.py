@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,34 +155,33 @@ def quality_guided_denoised(denoised: torch.Tensor, sigma: torch.Tensor, decode:
 # Normal-tensor copies of frozen networks (decoders, IQA nets loaded under inference mode)
 # ----------------------------------------------------------------------------------------------------
 
-_GRAD_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
-
-
 def has_inference_tensors(module: torch.nn.Module) -> bool:
     return any(t.is_inference() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def gradient_ready(module: torch.nn.Module, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A frozen (requires_grad False, eval) copy of `module` whose tensors are normal tensors on `device`/
-    `dtype`, cached per source module (module level, dropped with the source). Gradients flow to the input only."""
-    device = torch.device(device) if device is not None else None
-    key = (str(device), dtype)
-    per_module = _GRAD_COPIES.get(module)
-    if per_module is not None and key in per_module:
-        return per_module[key]
+def normal_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace, in place, every inference tensor of `module` (a module the caller alone owns) by a normal copy,
+    so autograd can save it for the backward pass; `module` is returned. Values and devices are unchanged."""
+    if not has_inference_tensors(module):
+        return module
     with torch.inference_mode(False):
-        duplicate = copy.deepcopy(module)  # outside inference mode, deepcopy clones into normal tensors
-        if device is not None or dtype is not None:
-            duplicate = duplicate.to(device=device, dtype=dtype)
-        duplicate.eval()
-        for parameter in duplicate.parameters():
+        for sub in module.modules():
+            for name, parameter in list(sub._parameters.items()):
+                if parameter is not None and parameter.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(parameter.clone(), requires_grad=False)
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+    return module
+
+
+def frozen_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A frozen (eval, requires_grad False) copy of a plain torch module with its own normal tensors.
+    Only for modules that hold nothing but tensors: never a host module that carries native buffers."""
+    with torch.inference_mode(False):
+        twin = copy.deepcopy(module)  # outside inference mode, deepcopy clones into normal tensors
+        twin.eval()
+        for parameter in twin.parameters():
             parameter.requires_grad_(False)
-    if has_inference_tensors(duplicate):
-        raise RuntimeError("guidance: could not make a normal-tensor copy of the network")
-    _GRAD_COPIES.setdefault(module, {})[key] = duplicate
-    return duplicate
-
-
-def clear_gradient_copies() -> None:
-    _GRAD_COPIES.clear()
+    normal_tensors(twin)
+    return twin

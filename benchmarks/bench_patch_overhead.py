@@ -22,9 +22,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from _pack import load_pack
+from comfy_server import host_dir
 
 load_pack()
-HOST = ROOT / ".host" / "ComfyUI"
+HOST = host_dir()  # the selected host (IQA_TEST_HOST, see scripts/comfy_server.py)
 sys.path.insert(0, str(HOST))
 import comfy.cli_args
 

@@ -40,7 +40,13 @@ def load_pack():
 
 
 def host_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("IQA_COMFYUI_DIR", REPO_ROOT / ".host" / "ComfyUI")).resolve()
+    """The selected host (IQA_TEST_HOST / IQA_COMFYUI_DIR), as scripts/comfy_server.py says."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from comfy_server import host_dir as selected_host_dir
+    finally:
+        sys.path.pop(0)
+    return selected_host_dir()
 
 
 def import_host_comfy():

@@ -1,9 +1,11 @@
 """Run every ratio benchmark, collect their JSON lines, print a pass/fail summary against each goal.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--json-out FILE] [--strict]
+    .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--hosts NAME ...] [--json-out FILE] [--strict]
 
 Each benchmark is a script printing one JSON object per line (at least name, ratio, baseline_s, variant_s,
 repeats, goal). It runs in its own subprocess; a missing or failing script is reported, not fatal.
+Every benchmark runs on the default host; the patch-overhead benchmark also runs on every other host that
+`scripts/setup.sh --host ...` set up (.host/<version>/), in that host's own venv (--hosts picks which).
 Exit status: 0 when every selected script ran (goal misses are reported in the summary; --strict makes them
 exit 1 too), 1 otherwise.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -20,14 +23,31 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 import common  # noqa: E402
 
+sys.path.insert(0, str(BENCH_DIR.parent / "scripts"))
+import comfy_server  # noqa: E402
+
 # (short name, script) in run order
 BENCHMARKS = [
     ("patch_overhead", "bench_patch_overhead.py"),
     ("sweep_batching", "bench_sweep.py"),
+    ("sweep_cluster", "bench_sweep_cluster.py"),
     ("scoring", "bench_scoring.py"),
     ("guidance", "bench_guidance.py"),
     ("memory", "bench_memory.py"),
 ]
+
+# benchmarks that also run on every other host set up beside the default one (they touch host internals)
+HOST_MATRIX = {"patch_overhead"}
+
+
+def installed_hosts() -> dict[str, str]:
+    """host name -> its venv's Python: "default" (.venv) and each .host/<version>/ with ComfyUI and a venv."""
+    hosts = {"default": comfy_server.host_python("default")}
+    for folder in sorted(comfy_server.HOSTS_DIR.glob("*/")):
+        if (folder / "ComfyUI" / "main.py").exists() and (folder / "venv" / "bin" / "python").exists():
+            hosts[folder.name] = comfy_server.host_python(folder.name)
+    return hosts
+
 
 # Goals from the issues, used only for result lines that carry no "goal" of their own (name prefix -> goal).
 DEFAULT_GOALS = {
@@ -77,17 +97,22 @@ def verdict(line: dict) -> str:
     return {True: "PASS", False: "FAIL", None: "reported (no goal)"}[passed]
 
 
-def run_one(name: str, script: str, quick: bool, timeout: float, python: str) -> dict:
+def run_one(name: str, script: str, quick: bool, timeout: float, python: str, host: str = "default") -> dict:
     path = BENCH_DIR / script
-    record = {"bench": name, "script": script, "lines": [], "status": "ok", "detail": "", "wall_s": 0.0}
+    record = {"bench": name, "script": script, "lines": [], "status": "ok", "detail": "", "wall_s": 0.0,
+              "host": host}
     if not path.exists():
         record.update(status="missing", detail=f"{script} not found")
         return record
     cmd = [python, str(path)] + (["--quick"] if quick else [])
-    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+    env = dict(os.environ, IQA_TEST_HOST=host)
+    if host != "default":
+        env.pop("IQA_COMFYUI_DIR", None)
+    record["host"] = "ComfyUI " + ".".join(map(str, comfy_server.host_version(comfy_server.host_dir(host))))
+    print(f"\n=== {name} on {record['host']}: {' '.join(cmd[1:])}", flush=True)
     started = time.monotonic()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=BENCH_DIR.parent)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=BENCH_DIR.parent, env=env)
     except subprocess.TimeoutExpired as expired:
         out = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
         record["lines"], _ = parse_lines(out)
@@ -97,6 +122,8 @@ def run_one(name: str, script: str, quick: bool, timeout: float, python: str) ->
         return record
     record["wall_s"] = time.monotonic() - started
     record["lines"], other = parse_lines(done.stdout)
+    for line in record["lines"]:
+        line["host"] = record["host"]
     for line in record["lines"]:
         print(json.dumps(line), flush=True)
     if done.returncode != 0:
@@ -116,15 +143,17 @@ def summary(records: list[dict]) -> tuple[str, bool, bool]:
     for record in records:
         if record["status"] != "ok":
             all_ran = False
-            rows.append((record["bench"], "-", "-", record["status"].upper() + ": " + record["detail"][:160]))
+            rows.append((f"{record['bench']} [{record['host']}]", "-", "-",
+                         record["status"].upper() + ": " + record["detail"][:160]))
         for line in record["lines"]:
             result = verdict(line)
             all_pass &= result != "FAIL"
             ratio = line.get("ratio")
             ratio_text = f"{ratio:.4g}" if isinstance(ratio, (int, float)) else str(ratio)
             name = str(line.get("name", record["bench"]))
-            if counts.get(line.get("name"), 0) > 1:  # same name, different sizes: show what differs
-                detail = [f"{key}={line[key]}" for key in ("size", "size_px", "num_tokens", "metric") if key in line]
+            if counts.get(line.get("name"), 0) > 1:  # same name, different sizes or hosts: show what differs
+                detail = [f"{key}={line[key]}" for key in ("size", "size_px", "num_tokens", "metric", "host")
+                          if key in line]
                 name += f" [{', '.join(detail)}]" if detail else ""
             rows.append((name, ratio_text, str(line.get("goal", "-")), result))
     widths = [max(len(row[i]) for row in rows + [("name", "ratio", "goal", "result")]) for i in range(3)]
@@ -141,7 +170,15 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, help="per script, seconds (default 600 quick, 3600 full)")
     parser.add_argument("--json-out", help="also write all results (and run info) to this JSON file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--hosts", nargs="+", metavar="NAME",
+                        help=f"hosts for {sorted(HOST_MATRIX)} (default: every one set up: {list(installed_hosts())})")
     args = parser.parse_args()
+    hosts = installed_hosts()
+    if args.hosts:
+        unknown = [h for h in args.hosts if h not in hosts]
+        if unknown:
+            parser.error(f"host(s) {unknown} not set up; set up: {list(hosts)} (scripts/setup.sh --host ...)")
+        hosts = {h: hosts[h] for h in args.hosts}
     known = {name for name, _ in BENCHMARKS}
     selected = BENCHMARKS
     if args.only:
@@ -151,12 +188,17 @@ def main() -> int:
         selected = [(n, s) for n, s in BENCHMARKS if n in args.only]
     timeout = args.timeout or (600.0 if args.quick else 3600.0)
     started = time.monotonic()
-    records = [run_one(name, script, args.quick, timeout, sys.executable) for name, script in selected]
+    records = []
+    for name, script in selected:
+        if name in HOST_MATRIX:
+            records += [run_one(name, script, args.quick, timeout, python, host) for host, python in hosts.items()]
+        else:
+            records.append(run_one(name, script, args.quick, timeout, sys.executable))
     text, all_ran, all_pass = summary(records)
     print(text)
     total = time.monotonic() - started
     print(f"total {total:.1f} s ({'quick' if args.quick else 'full'} mode); "
-          + ", ".join(f"{r['bench']} {r['wall_s']:.0f} s" for r in records))
+          + ", ".join(f"{r['bench']} ({r['host']}) {r['wall_s']:.0f} s" for r in records))
     if args.json_out:
         pathlib.Path(args.json_out).write_text(json.dumps(
             {"mode": "quick" if args.quick else "full", "total_s": total, "records": records}, indent=1))

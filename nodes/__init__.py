@@ -13,13 +13,19 @@ NODE_MODULES = [
     sweep_nodes,
 ]
 
-# ComfyUI 0.3.75 never calls ComfyExtension.on_load: register folders when the layer is imported.
+# Hosts before 0.14 never call ComfyExtension.on_load: register folders when the layer is imported too
+# (registration is idempotent).
 paths.register_model_folders()
 # Rows-vs-batch checks at queue time need the whole prompt, which node validation does not see.
 graph.register_prompt_hook()
 
 
 class IQAAdapterExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        """Awaited by hosts >= 0.14 before get_node_list: the place they give extensions for setup."""
+        paths.register_model_folders()
+
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         nodes: list[type[io.ComfyNode]] = []

@@ -9,13 +9,26 @@ Design decisions:
 - The quality tokens' keys/values are computed once per apply (fp32, CPU) and cached per
   (device, dtype) inside each patch object; the adapter's weights are not touched while sampling.
   Hence the patches expose no `.models()`: there is no module for the host to load or offload, only
-  a few (N x hidden) tensors per layer that follow the activations' device.
-- Patch objects are immutable: `__deepcopy__` returns the object itself, so `ModelPatcher.clone()`
-  (which deep-copies model_options) shares them instead of duplicating tensors.
+  a few (N x hidden) tensors per layer that follow the activations' device. `cleanup()` (called by
+  hosts >= 0.17 after sampling) drops those per-device copies.
+- Other packs' attention patches, either order. A patch found on the layer's key is chained: it computes
+  the text part (plus its own branches). A pack applied after us finds our object on the key it uses and
+  adds its branch to it, IPAdapter_plus style (`.add(callback, **kwargs)`; `.set_new_condition(**kwargs)`
+  of older forks). So that it finds us: a block with one transformer (SD1.5) is installed under its
+  2-part key `(block, id)` as well, which is what IPAdapter_plus uses there (the 3-part key on SDXL).
+- Patch objects are shared, never deep-copied (`__deepcopy__` returns the object; hosts >= 0.14 do not
+  deep-copy patch objects at all), so a pack that adds its branch in place would also change every other
+  model holding the object. A clone callback therefore gives each clone of a patched model its own view
+  of our patches (same tensors and caches, its own list of added branches): the IQA-only model used
+  elsewhere in the graph never runs another pack's branch.
 - weight == 0, or a step outside [start_at, end_at], skips the quality branch entirely: the text
   attention is then computed exactly as the unpatched host does, so the result is bit-identical.
 """
 from __future__ import annotations
+
+import copy
+import math
+import sys
 
 import torch
 
@@ -113,6 +126,9 @@ class SigmaWindow:
     def __deepcopy__(self, memo):
         return self
 
+    def forget(self) -> None:
+        self._last = (None, True)  # drop the reference to the last sampling's sigmas (device memory)
+
     def active(self, extra_options) -> bool:
         if self.always:
             return True
@@ -129,7 +145,8 @@ class SigmaWindow:
 
 
 class IQAAttn2Patch:
-    """attn2 replace patch for one layer: text attention (own or a chained patch's) + weight * quality attention."""
+    """attn2 replace patch for one layer: text attention (own or a chained patch's), branches other packs
+    added to it, then + weight * quality attention."""
 
     def __init__(self, layer_key, k_cond, v_cond, k_uncond, v_uncond, weight: float, window: SigmaWindow,
                  previous=None, label: str = ""):
@@ -141,12 +158,62 @@ class IQAAttn2Patch:
         self.previous = previous  # an attn2 replace patch that was there before (IPAdapter, another IQA adapter)
         self.label = label
         self._device_cache: dict = {}  # (device, dtype) -> kv; (device, dtype, layout) -> batched kv
+        self.added: list[tuple] = []  # (callback, kwargs) added by a later pack (IPAdapter_plus `.add`)
+        self.foreign = None  # an older fork's CrossAttentionPatch built through `.set_new_condition`
 
     def __deepcopy__(self, memo):
         return self  # immutable apart from caches; ModelPatcher.clone must not duplicate the tensors
 
-    def to(self, device):  # called by ModelPatcher.model_patches_to; the cache moves lazily
+    def view(self) -> "IQAAttn2Patch":
+        """The same patch for another model: shared tensors and caches, its own added branches."""
+        other = copy.copy(self)
+        other.added = list(self.added)
+        if self.foreign is not None:
+            other.foreign = copy.copy(self.foreign)
+            for name, value in vars(self.foreign).items():  # its per-condition lists
+                if isinstance(value, list):
+                    setattr(other.foreign, name, list(value))
+        return other
+
+    # ---- the protocol other packs use on a patch they find on a key
+
+    def add(self, callback, **kwargs):
+        """IPAdapter_plus: `out += callback(out, q, k, v, extra_options, **kwargs)` while
+        sigma_end <= sigma <= sigma_start (kwargs), after the text attention."""
+        self.added.append((callback, kwargs))
+
+    def set_new_condition(self, **kwargs):
+        """Older IPAdapter_plus forks (InstantID, PuLID): the caller's own `CrossAttentionPatch` class holds
+        the semantics; the first call builds one from the kwargs, later calls are handed to it."""
+        if self.foreign is not None:
+            self.foreign.set_new_condition(**kwargs)
+            return
+        caller = sys._getframe(1).f_globals
+        patch_class = caller.get("CrossAttentionPatch")
+        if not (isinstance(patch_class, type) and hasattr(patch_class, "set_new_condition")):
+            raise RuntimeError(
+                f"{NODE}: the pack '{caller.get('__name__', '?')}' tried to add its attention to IQA-Adapter's "
+                "patch with set_new_condition() but has no CrossAttentionPatch class; apply that pack before "
+                "IQA-Adapter in the graph")
+        self.foreign = patch_class(**kwargs)
+
+    # ---- host protocol
+
+    def _chained(self):
+        return [patch for patch in (self.previous, self.foreign) if patch is not None]
+
+    def to(self, device):  # ModelPatcher.model_patches_to; our cache moves lazily, chained patches move now
+        for patch in self._chained():
+            if hasattr(patch, "to"):
+                patch.to(device)
         return self
+
+    def cleanup(self):  # ModelPatcher.cleanup after sampling (hosts >= 0.17)
+        self._device_cache.clear()
+        self.window.forget()
+        for patch in self._chained():
+            if hasattr(patch, "cleanup"):
+                patch.cleanup()
 
     def _kv_on(self, device, dtype):
         key = (device, dtype)
@@ -179,16 +246,45 @@ class IQAAttn2Patch:
         self._device_cache[layout] = cached
         return cached
 
-    def __call__(self, q, k, v, extra_options):
+    def _text_and_other_branches(self, q, k, v, extra_options):
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
+            if self.foreign is not None:  # both chained: each holds the text once
+                out = out + self.foreign(q, k, v, extra_options) - _host_text_attention(q, k, v, extra_options)
+        elif self.foreign is not None:
+            out = self.foreign(q, k, v, extra_options)
         else:
             out = _host_text_attention(q, k, v, extra_options)
+        if self.added:
+            sigmas = extra_options.get("sigmas")
+            sigma = float(sigmas.detach().flatten()[0].item()) if sigmas is not None else math.inf
+            for callback, kwargs in self.added:
+                if kwargs.get("sigma_end", -math.inf) <= sigma <= kwargs.get("sigma_start", math.inf):
+                    out = out + callback(out, q, k, v, extra_options, **kwargs)
+            out = out.to(q.dtype)
+        return out
+
+    def __call__(self, q, k, v, extra_options):
+        out = self._text_and_other_branches(q, k, v, extra_options)
         if self.weight == 0.0 or not self.window.active(extra_options):
             return out
         k_ip, v_ip = self._batched_kv(q, extra_options.get("cond_or_uncond") or [0])
         ip_out = adapter_attention.ip_attention(q, k_ip, v_ip, extra_options["n_heads"])
         return adapter_attention.decoupled_output(out, ip_out.to(out.dtype), self.weight)
+
+
+def _clone_gets_own_views(parent, clone) -> None:
+    """ModelPatcher ON_CLONE callback: the clone's attn2 entries that are our patches become views, one per
+    patch object (a patch sits under two keys on one-transformer blocks)."""
+    replace = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+    if not replace:
+        return
+    views: dict[int, IQAAttn2Patch] = {}
+    for key, patch in list(replace.items()):
+        if isinstance(patch, IQAAttn2Patch):
+            if id(patch) not in views:
+                views[id(patch)] = patch.view()
+            replace[key] = views[id(patch)]
 
 
 # ---------------------------------------------------------------- apply
@@ -202,9 +298,16 @@ def _check_tokens(adapter, tokens) -> None:
                          f"with N={adapter.info.num_tokens} (tokens made by another adapter?)")
 
 
-def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+# Keys/values are cast to the model's dtype while sampling: beyond fp16's range they become inf (black images).
+KV_VALUE_LIMIT = 6.0e4
+
+
+def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                      host_batch_cap: int = 4096):
     """A clone of `model` with the adapter's decoupled cross-attention on every attn2 layer."""
     import math
+
+    from ..adapter import projection
 
     if not math.isfinite(weight):
         raise ValueError(f"{NODE}: weight: must be a finite number, got {weight}")
@@ -213,6 +316,12 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
     if start_at > end_at:
         raise ValueError(f"{NODE}: start_at: must not be after end_at, got start_at={start_at} > end_at={end_at}")
     _check_tokens(adapter, tokens)
+    try:  # before any key/value is computed: the rows' memory follows from the adapter's architecture
+        projection.check_row_count(tokens.batch_size, projection.max_rows_for(adapter.info, host_batch_cap),
+                                   "token rows (targets)")
+        projection.check_token_values(tokens.cond, tokens.uncond)
+    except ValueError as error:
+        raise ValueError(f"{NODE}: tokens: {error}") from None
     keys = check_adapter_fits(model, adapter)
 
     patched = model.clone()
@@ -222,9 +331,16 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
 
     both = torch.cat([tokens.cond, tokens.uncond]).to(torch.float32)
     kv = adapter_attention.precompute_ip_kv(adapter, both)
+    for k_all, v_all in kv:
+        peak = max(float(k_all.abs().max()), float(v_all.abs().max()))
+        if not math.isfinite(peak) or peak > KV_VALUE_LIMIT:
+            raise ValueError(f"{NODE}: tokens: these quality tokens give attention keys/values of {peak:.3g} in this "
+                             f"adapter (limit {KV_VALUE_LIMIT:g}, beyond it half-precision sampling makes black "
+                             "images); use tokens from moderate targets")
     b = tokens.cond.shape[0]
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     label = getattr(adapter, "path", "")
+    single = _single_transformer_blocks(keys)
     for position, key in enumerate(keys):
         k_all, v_all = kv[position]
         # The host looks up the 3-tuple key first, then (block_name, block_id): chain whichever is there.
@@ -232,4 +348,22 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
         patch = IQAAttn2Patch(key, k_all[:b].contiguous(), v_all[:b].contiguous(), k_all[b:].contiguous(),
                               v_all[b:].contiguous(), weight, window, previous=previous, label=label)
         patched.set_model_attn2_replace(patch, key[0], key[1], key[2])
+        if key[:2] in single:  # where a pack keys this layer (block, id) it finds us (and is not shadowed)
+            patched.set_model_attn2_replace(patch, key[0], key[1])
+    _register_clone_views(patched)
     return patched
+
+
+def _single_transformer_blocks(keys) -> set:
+    per_block: dict = {}
+    for key in keys:
+        per_block[key[:2]] = per_block.get(key[:2], 0) + 1
+    return {block for block, count in per_block.items() if count == 1}
+
+
+def _register_clone_views(patched) -> None:
+    import comfy.patcher_extension
+
+    on_clone = comfy.patcher_extension.CallbacksMP.ON_CLONE
+    if _clone_gets_own_views not in patched.get_all_callbacks(on_clone):  # once per lineage (clones inherit it)
+        patched.add_callback(on_clone, _clone_gets_own_views)

@@ -4,12 +4,17 @@ adapter/guidance.py).
 The patch is a sampler post-CFG function on a model clone, so it stacks with other patches (IQAAdapterApply's
 attention patches, other post-CFG functions) and works with every sampler: each model evaluation inside the
 chosen step range replaces the CFG-combined denoised estimate D by D + s·σ²·∇_D S.
+
+Memory and devices follow the host. The decoder and the metric network used for gradients are host
+ModelPatchers attached to the guided model (`additional_models`): the host counts them when it loads the
+model for sampling and may offload them; nothing is kept in module-level caches. The VAE is never
+deep-copied: on hosts that load it with dynamic VRAM its modules carry native buffers freed in `__del__`,
+so the gradient decoder comes from the host's own non-dynamic clone (a fresh module it loads itself).
+Devices are the host's (`comfy.model_management`: --cpu, --cuda-device, MPS, XPU, DirectML).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 
 import comfy.model_management
 import comfy.utils
@@ -17,19 +22,19 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..adapter import guidance
-from . import presentation
+from ..adapter import errors, guidance
+from . import metric_nodes, presentation
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
+MIN_SCORED_SIZE = 32  # smallest longer side a decoded estimate is resized to before scoring
 logger = logging.getLogger(__name__)
 
-# TAESD decoders read from models/vae_approx, cached by (path, mtime, size).
-_TAESD_CACHE: dict[tuple, torch.nn.Module] = {}
+GUIDANCE_MODELS = "iqa_gradient_guidance"  # key of the guided model's additional models
 
 
 def _fail(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
+    return errors.NodeInputError(NODE, input_name, message)
 
 
 def _latent_format(model):
@@ -41,8 +46,26 @@ def _to_vae_latent(latent_format):
     return latent_format.process_out
 
 
-def _taesd_module(latent_format):
-    """The host's TAESD with the decoder from models/vae_approx matching the model's latent format."""
+def _check_image_latents(latent_format):
+    if getattr(latent_format, "latent_dimensions", 2) != 2:
+        raise _fail("model", f"the latent format {type(latent_format).__name__} is a video format; gradient quality "
+                             "guidance scores images and supports image models only (SD1.5, SDXL and the like)")
+
+
+def _taesd_latent_channels(state: dict, latent_format) -> int:
+    """Latent channels of an image TAESD decoder file: its first conv's input, except Flux2's (128 latent
+    channels, unpacked 2x2 to the 32 its conv takes)."""
+    wanted = int(latent_format.latent_channels)
+    conv_in = int(state["1.weight"].shape[1]) if "1.weight" in state else wanted
+    if conv_in == wanted or (wanted == 4 * conv_in and wanted == 128):
+        return wanted
+    raise _fail("decoder", f"the TAESD decoder file takes {conv_in} latent channels but the model's latent format "
+                           f"{type(latent_format).__name__} has {wanted}; put the model's own TAESD decoder in "
+                           "models/vae_approx or use decoder 'vae'")
+
+
+def _taesd_module(latent_format) -> torch.nn.Module:
+    """A fresh host TAESD with the decoder from models/vae_approx matching the model's latent format."""
     import comfy.taesd.taesd
 
     name = getattr(latent_format, "taesd_decoder_name", None)
@@ -55,21 +78,19 @@ def _taesd_module(latent_format):
         raise _fail("decoder", f"'taesd' needs '{name}.safetensors' (or .pth) in models/vae_approx "
                                f"(searched: {folders}); put the file there or use decoder 'vae'.")
     path = folder_paths.get_full_path_or_raise("vae_approx", min(candidates))
-    stat = os.stat(path)
-    key = (path, stat.st_mtime, stat.st_size)
-    if key not in _TAESD_CACHE:
-        with torch.inference_mode(False):
-            state = comfy.utils.load_torch_file(path, safe_load=True)
-            channels = state["1.weight"].shape[1] if "1.weight" in state else latent_format.latent_channels
-            module = comfy.taesd.taesd.TAESD(latent_channels=channels)
+    with torch.inference_mode(False):
+        state = comfy.utils.load_torch_file(path, safe_load=True)
+        module = comfy.taesd.taesd.TAESD(latent_channels=_taesd_latent_channels(state, latent_format))
+        try:
             module.taesd_decoder.load_state_dict(state)
-            # TAESD decodes the sampler-space latent: undo process_out's scaling/shift exactly.
-            module.vae_scale.data.fill_(float(latent_format.scale_factor))
-            module.vae_shift.data.fill_(float(getattr(latent_format, "shift_factor", None) or 0.0))
-            module.eval()
-        _TAESD_CACHE.clear()
-        _TAESD_CACHE[key] = module
-    return _TAESD_CACHE[key]
+        except RuntimeError as error:
+            raise _fail("decoder", f"'{path}' is not a TAESD decoder this host can load for "
+                                   f"{type(latent_format).__name__} ({str(error).splitlines()[0]})") from None
+        # TAESD decodes the sampler-space latent: undo process_out's scaling/shift exactly.
+        module.vae_scale.data.fill_(float(latent_format.scale_factor))
+        module.vae_shift.data.fill_(float(getattr(latent_format, "shift_factor", None) or 0.0))
+        module.eval()
+    return module
 
 
 def _decoder_latent_channels(module, fallback):
@@ -86,31 +107,49 @@ def _decoder_latent_channels(module, fallback):
     return fallback
 
 
-def _decoder_source(decoder: str, vae, latent_format):
-    if decoder == "vae":
-        if vae is None:
-            raise _fail("vae", "decoder 'vae' needs a VAE connected")
-        module = getattr(vae, "first_stage_model", None)
-        if module is None or not hasattr(module, "decode"):
-            raise _fail("vae", f"this VAE ({type(module).__name__}) has no differentiable decoder")
-        vae_channels = _decoder_latent_channels(module, getattr(vae, "latent_channels", None))
-        if vae_channels is not None and vae_channels != latent_format.latent_channels:
-            raise _fail("vae", f"the VAE has {vae_channels} latent channels but the model's latent format "
-                               f"{type(latent_format).__name__} has {latent_format.latent_channels}; connect "
-                               f"the VAE that belongs to this model.")
-        return module
-    if decoder == "taesd":
-        return _taesd_module(latent_format)
-    raise _fail("decoder", f"expected one of {', '.join(DECODERS)}, got {presentation.quoted(decoder)}")
+def _own_vae_module(vae) -> torch.nn.Module:
+    """A VAE autoencoder of our own for gradients, never a deep copy of a module the host manages dynamically:
+    such a host (>= 0.12, dynamic VRAM) gives a non-dynamic clone with a fresh module it loads itself."""
+    patcher = getattr(vae, "patcher", None)
+    if patcher is not None and getattr(patcher, "is_dynamic", lambda: False)():
+        try:
+            return patcher.clone(disable_dynamic=True).model
+        except RuntimeError as error:  # a VAE the host cannot load again (not from a core loader)
+            raise _fail("vae", f"this VAE is managed by the host's dynamic VRAM and cannot be reloaded without it "
+                               f"({error}); load it with a core loader (VAELoader, CheckpointLoaderSimple) or use "
+                               "decoder 'taesd'") from None
+    # Plain torch module (no native buffers on hosts without dynamic loading): a twin with its own tensors.
+    return guidance.frozen_twin(vae.first_stage_model)
 
 
-def _metric_on(metric, device: torch.device):
-    """The metric with a normal-tensor network on `device` (a cached copy when the given one is not)."""
-    net = metric.net
-    current = next((p.device for p in net.parameters()), device)
-    if not guidance.has_inference_tensors(net) and current == device:
-        return metric
-    return dataclasses.replace(metric, net=guidance.gradient_ready(net, device=device), device=device)
+def _check_decoder(decoder: str, vae, latent_format) -> None:
+    if decoder not in DECODERS:
+        raise _fail("decoder", f"expected one of {', '.join(DECODERS)}, got {presentation.quoted(decoder)}")
+    if decoder != "vae":
+        return
+    if vae is None:
+        raise _fail("vae", "decoder 'vae' needs a VAE connected")
+    module = getattr(vae, "first_stage_model", None)
+    if module is None or not hasattr(module, "decode"):
+        raise _fail("vae", f"this VAE ({type(module).__name__}) has no differentiable decoder")
+    vae_channels = _decoder_latent_channels(module, getattr(vae, "latent_channels", None))
+    if vae_channels is not None and vae_channels != latent_format.latent_channels:
+        raise _fail("vae", f"the VAE has {vae_channels} latent channels but the model's latent format "
+                           f"{type(latent_format).__name__} has {latent_format.latent_channels}; connect "
+                           f"the VAE that belongs to this model.")
+
+
+def _decoder_module(decoder: str, vae, latent_format) -> torch.nn.Module:
+    return _own_vae_module(vae) if decoder == "vae" else _taesd_module(latent_format)
+
+
+def host_managed(module: torch.nn.Module, device: torch.device):
+    """`module` as a host ModelPatcher (plain, never dynamic): the host loads it to `device`, counts it and may
+    offload it between uses."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 def _check_metric(metric):
@@ -140,8 +179,9 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
         raise _fail("target", f"expected one of {', '.join(guidance.TARGETS)}, got {presentation.quoted(target)}")
     if normalization not in guidance.NORMALIZATIONS:
         raise _fail("normalization", f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {presentation.quoted(normalization)}")
-    if int(max_resolution) < 0:
-        raise _fail("max_resolution", f"expected 0 (no resize) or a positive size, got {max_resolution}")
+    if int(max_resolution) != 0 and int(max_resolution) < MIN_SCORED_SIZE:
+        raise _fail("max_resolution", f"expected 0 (no resize) or at least {MIN_SCORED_SIZE} pixels (IQA metrics "
+                                      f"need images of about that size), got {max_resolution}")
     if int(chunk_size) < 1:
         raise _fail("chunk_size", f"expected >= 1, got {chunk_size}")
     _check_metric(metric)
@@ -152,10 +192,16 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     sign = guidance.score_sign(target, bool(metric.lower_better))
 
     latent_format = _latent_format(model)
-    decoder_module = _decoder_source(decoder, vae, latent_format)
+    _check_image_latents(latent_format)
+    _check_decoder(decoder, vae, latent_format)
     patched = model.clone()
     if scale == 0.0:
         return patched  # nothing to add: the sampler runs exactly as unguided
+    device = comfy.model_management.get_torch_device()  # the host's choice (--cpu, --cuda-device, ...)
+    offload = comfy.model_management.unet_offload_device()  # where the host keeps it until it loads it
+    decoder_patcher = host_managed(_decoder_module(decoder, vae, latent_format).to(offload, torch.float32), device)
+    metric_patcher = metric_nodes.memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
+    patched.set_additional_models(GUIDANCE_MODELS, [decoder_patcher, metric_patcher])
     model_sampling = model.get_model_object("model_sampling")
     sigma_start = float(model_sampling.percent_to_sigma(start_at))
     sigma_end = float(model_sampling.percent_to_sigma(end_at))
@@ -170,12 +216,14 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
         if denoised.dim() != 4:
             raise ValueError(f"{NODE}: expected image latents (B, C, H, W), got shape {tuple(denoised.shape)}")
         comfy.model_management.throw_exception_if_processing_interrupted()
-        device = denoised.device
-        decode_net = guidance.gradient_ready(decoder_module, device=device, dtype=torch.float32)
-        decode = guidance.latent_decoder(decode_net.decode, to_vae_latent)
-        scorer = _metric_on(metric, device)
+        # The host loads both beside the diffusion model (a no-op when they are loaded already); it moved
+        # them under inference mode, so their tensors are made normal again (ours alone, in place).
+        comfy.model_management.load_models_gpu([decoder_patcher, metric_patcher])
+        for patcher in (decoder_patcher, metric_patcher):
+            guidance.normal_tensors(patcher.model)
+        decode = guidance.latent_decoder(decoder_patcher.model.decode, to_vae_latent)
         result = guidance.quality_guided_denoised(
-            denoised, sigma, decode, scorer.score, scale, sign=sign, normalization=normalization,
+            denoised, sigma, decode, metric.score, scale, sign=sign, normalization=normalization,
             divisor=divisor, max_resolution=int(max_resolution), chunk_size=int(chunk_size))
         logger.debug("%s sigma %.4f %s %s", NODE, current, metric.name, result.scores.tolist())
         return result.denoised
@@ -229,6 +277,7 @@ class IQAGradientGuidance(io.ComfyNode):
         return presentation.check_schedule(NODE, start_at, end_at)
 
     @classmethod
+    @errors.node_errors(NODE, "model")
     def execute(cls, model, vae, metric, scale, start_at, end_at, decoder, normalization, target,
                 max_resolution, chunk_size) -> io.NodeOutput:
         return io.NodeOutput(build_guided_model(

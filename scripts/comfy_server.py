@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -23,13 +24,51 @@ DEFAULT_HOST_DIR = PACK_ROOT / ".host" / "ComfyUI"
 PACK_LINK_NAME = "ComfyUI-IQA-Adapter"
 
 
-def host_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("IQA_COMFYUI_DIR", DEFAULT_HOST_DIR)).resolve()
+HOSTS_DIR = PACK_ROOT / ".host"  # default host in .host/ComfyUI, others in .host/<version>/{ComfyUI,venv}
 
 
-def host_python() -> str:
-    venv_python = PACK_ROOT / ".venv" / "bin" / "python"
+def host_name() -> str:
+    """The host this process targets: IQA_TEST_HOST=<version> (set up by `scripts/setup.sh --host
+    ComfyUI-<version>.tar.gz`), or "default" (.host/ComfyUI, the wheel's host or COMFYUI_PATH)."""
+    return os.environ.get("IQA_TEST_HOST", "").strip() or "default"
+
+
+def host_dir(name: str | None = None) -> pathlib.Path:
+    """The one place that says where a host lives: the selected one (IQA_COMFYUI_DIR overrides it) or `name`."""
+    if name is None and os.environ.get("IQA_COMFYUI_DIR"):
+        return pathlib.Path(os.environ["IQA_COMFYUI_DIR"]).resolve()
+    name = name or host_name()
+    return (DEFAULT_HOST_DIR if name == "default" else HOSTS_DIR / name / "ComfyUI").resolve()
+
+
+def host_python(name: str | None = None) -> str:
+    """The Python of a host's venv, the selected one by default (each host has its own requirements)."""
+    name = name or host_name()
+    venv = PACK_ROOT / ".venv" if name == "default" else HOSTS_DIR / name / "venv"
+    venv_python = venv / "bin" / "python"
     return str(venv_python) if venv_python.exists() else sys.executable
+
+
+def host_version(comfy_dir: pathlib.Path | None = None) -> tuple[int, ...]:
+    """The host's release version from its comfyui_version.py, e.g. (0, 33, 0)."""
+    text = ((comfy_dir or host_dir()) / "comfyui_version.py").read_text()
+    match = re.search(r'__version__\s*=\s*"([0-9.]+)', text)
+    if not match:
+        raise RuntimeError(f"no __version__ in {comfy_dir or host_dir()}/comfyui_version.py")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def frontend_root() -> pathlib.Path | None:
+    """IQA_TEST_FRONTEND=<version>: serve that frontend (`scripts/setup.sh --frontend <version>`) instead
+    of the host's pinned one."""
+    version = os.environ.get("IQA_TEST_FRONTEND", "").strip()
+    if not version:
+        return None
+    folder = HOSTS_DIR / "frontends" / version
+    if not (folder / "index.html").exists():
+        raise FileNotFoundError(f"frontend {version} not found at {folder}: run "
+                                f"`bash scripts/setup.sh --frontend {version}`")
+    return folder
 
 
 def free_port() -> int:
@@ -72,7 +111,7 @@ class ComfyServer:
     """One ComfyUI process on a free loopback port with its own output/input/user/temp folders."""
 
     def __init__(self, work_dir: pathlib.Path, comfy_dir: pathlib.Path | None = None,
-                 extra_args: list[str] | None = None, port: int | None = None):
+                 extra_args: list[str] | None = None, port: int | None = None, cpu: bool = True):
         self.comfy_dir = comfy_dir or host_dir()
         self.work_dir = pathlib.Path(work_dir)
         self.port = port or free_port()
@@ -83,7 +122,11 @@ class ComfyServer:
         self.user_dir = self.work_dir / "user"
         self.log_path = self.work_dir / "server.log"
         self.models_dir = self.comfy_dir / "models"
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
+        frontend = frontend_root()
+        if frontend is not None and "--front-end-root" not in self.extra_args:
+            self.extra_args += ["--front-end-root", str(frontend)]
+        self.cpu = cpu  # False: the host picks its accelerator (the GPU a Ray worker was given)
         self.process: subprocess.Popen | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -92,7 +135,7 @@ class ComfyServer:
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}: run `bash scripts/setup.sh` first")
         for d in (self.output_dir, self.input_dir, self.temp_dir, self.user_dir):
             d.mkdir(parents=True, exist_ok=True)
-        cmd = [host_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [host_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--output-directory", str(self.output_dir),
                "--input-directory", str(self.input_dir), "--temp-directory", str(self.temp_dir),
                "--user-directory", str(self.user_dir),

@@ -30,6 +30,7 @@ def _load_by_path(name: str, path: pathlib.Path):
 _load_by_path("iqa_pack_loader", PACK_ROOT / "scripts" / "_pack.py").load_pack()
 comfy_server_module = _load_by_path("iqa_comfy_server", PACK_ROOT / "scripts" / "comfy_server.py")
 ComfyServer = comfy_server_module.ComfyServer
+third_party = _load_by_path("third_party", TESTS_DIR / "third_party.py")
 PromptRejected = comfy_server_module.PromptRejected
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -60,6 +61,12 @@ def host_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def host_version(host_dir) -> tuple[int, ...]:
+    """The selected host's release version, e.g. (0, 33, 0): tests pick per-host expectations from it."""
+    return comfy_server_module.host_version(host_dir)
+
+
+@pytest.fixture(scope="session")
 def comfy(host_dir):
     """The host's `comfy` package imported in this process, forced to CPU."""
     if str(host_dir) not in sys.path:
@@ -87,6 +94,7 @@ def tiny_checkpoint(comfy, host_dir):
 def comfy_server(host_dir, pytestconfig):
     """One real ComfyUI server for the whole session, with the pack linked into custom_nodes/."""
     comfy_server_module.ensure_pack_linked(host_dir)
+    third_party.install_ipadapter(host_dir)  # another pack beside ours, as users run it (test fixture)
     work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-comfy-"))
     server = ComfyServer(work, host_dir)
     server.start()
@@ -97,7 +105,11 @@ def comfy_server(host_dir, pytestconfig):
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n[comfy_server] real ComfyUI started at {server.url} (log {server.log_path}); "
+            version = ".".join(map(str, comfy_server_module.host_version(host_dir)))
+            frontend = comfy_server_module.frontend_root()
+            reporter.write_line(f"\n[comfy_server] real ComfyUI {version} ({comfy_server_module.host_name()} host, "
+                                f"frontend {frontend.name if frontend else 'pinned by the host'}) started at "
+                                f"{server.url} (log {server.log_path}); "
                                 f"pack nodes in /object_info: {', '.join(pack_nodes) or 'NONE'}")
     yield server
     server.stop()
@@ -119,6 +131,20 @@ def api_prompt_txt2img(ckpt=TINY_CHECKPOINT, text="a photo of a cat", negative="
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
+
+
+def api_prompt_target_sweep(steps=2, size=64):
+    """api_prompt_txt2img with one IQA-Adapter target (tiny adapter): the workflow scripts/sweep.py sweeps."""
+    workflow = api_prompt_txt2img(steps=steps, width=size, height=size)
+    workflow["2"]["_meta"] = {"title": "Positive prompt"}
+    workflow["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}}
+    workflow["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
+        "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
+        "negative_scale": 0.0}}
+    workflow["ap"] = {"class_type": "IQAAdapterApply", "inputs": {
+        "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}}
+    workflow["5"]["inputs"]["model"] = ["ap", 0]
+    return workflow
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ in-process guarantee that IQAAdapterApply never touches the model it is given.
 from __future__ import annotations
 
 import copy
+import json
 import pathlib
 import pickle
 
@@ -178,9 +179,57 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     options = dict(patched.model_options["transformer_options"], cond_or_uncond=[1, 0], sigmas=torch.ones(2))
     with torch.no_grad():
         patched.model.apply_model(x, torch.ones(2), c_crossattn=context, transformer_options=options)
-    assert patched is not model and len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 7
+    installed = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert patched is not model and len({id(patch) for patch in installed.values()}) == 7
     assert model.model_options == options_before
     state_after = model.model.state_dict()
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
     # The loader's cache returns the same object for an unchanged file.
     assert adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args[0] is adapter
+
+
+def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, txt2img):
+    """Same weights file, sidecar changed between prompts (same size and mtime): the node re-runs and the
+    loaded adapter carries the new descriptor, exactly as a fresh load of that descriptor would."""
+    import os
+    import uuid
+
+    folder = pathlib.Path(comfy_server.models_dir) / "iqa_adapter"
+    good = folder / TINY_ADAPTER
+    descriptor = json.loads((folder / "tiny_sd15_iqa_adapter.json").read_text())
+    original = json.dumps(descriptor)
+    swapped = json.dumps(dict(descriptor, metrics=descriptor["metrics"][::-1]))
+    assert swapped != original and len(swapped) == len(original)
+    stem = f"iqa_test_sidecar_{uuid.uuid4().hex[:8]}"
+    edited, fresh = folder / f"{stem}.safetensors", folder / f"{stem}_fresh.safetensors"
+    created = [edited, fresh, edited.with_suffix(".json"), fresh.with_suffix(".json")]
+    targets = "topiq_nr=95, laion_aes=5"
+    try:
+        for path, text in ((edited, original), (fresh, swapped)):
+            path.write_bytes(good.read_bytes())
+            path.with_suffix(".json").write_text(text)
+        side = edited.with_suffix(".json")
+        stat = side.stat()
+
+        def run(name, prefix):
+            return comfy_server.run(adapter_graph(txt2img, targets=targets, adapter=name, prefix=prefix))
+
+        first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
+        side.write_text(swapped)
+        os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        after_edit = pixels(comfy_server, run(edited.name, "iqa_sidecar_edited"))[0]
+        reference = pixels(comfy_server, run(fresh.name, "iqa_sidecar_fresh"))[0]
+        assert np.abs(after_edit - first).max() > 8, "the edited metric order was ignored (stale descriptor)"
+        assert np.array_equal(after_edit, reference), "the edited sidecar must load as a fresh one does"
+
+        side.write_text('{"metrics": ["topiq_nr", ')
+        broken = run(edited.name, "iqa_sidecar_broken")
+        assert not broken.ok and "invalid JSON" in broken.error_message(), broken.error_message()
+        side.unlink()
+        deleted = run(edited.name, "iqa_sidecar_deleted")
+        assert not deleted.ok and "no descriptor" in deleted.error_message(), deleted.error_message()
+        side.write_text(original)
+        assert np.array_equal(pixels(comfy_server, run(edited.name, "iqa_sidecar_restored"))[0], first)
+    finally:
+        for path in created:
+            path.unlink(missing_ok=True)

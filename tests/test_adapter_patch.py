@@ -41,6 +41,8 @@ def build_small_model(comfy, config_class: str, unet_config: dict, seed: int = 0
                 param.copy_(torch.randn_like(param) / param[0].numel() ** 0.5)
             elif name.endswith("bias"):
                 param.copy_(torch.randn_like(param) * 0.02)
+            else:  # norm scales: the model is built on empty memory, leaving them would leave garbage (NaN)
+                param.fill_(1.0)
     base.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
@@ -241,15 +243,23 @@ def test_chains_existing_patch_and_two_adapters_add(tiny):
                                atol=1e-4, rtol=1e-5)
 
 
-def test_clone_shares_patch_objects(tiny):
+def test_clone_gets_views_sharing_tensors(tiny):
+    """A clone's patches share the precomputed tensors and caches (nothing duplicated) but are their own
+    objects, so a pack adding a branch to the clone's patch leaves the original model alone."""
     model, adapter, _, _ = tiny
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[2.0, 2.0]]), 1.0)
     again = patched.clone()
     a = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     b = again.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert a.keys() == b.keys() and len(a) == 7
-    assert all(a[k] is b[k] for k in a)
+    # 7 layers, each one transformer per block: under (block, id, 0) and (block, id).
+    assert a.keys() == b.keys() and len(a) == 14 and len({id(p) for p in a.values()}) == 7
     assert all(isinstance(p, adapter_patch.IQAAttn2Patch) for p in a.values())
+    for key in a:
+        assert a[key] is a[key[:2]] and b[key] is b[key[:2]]
+        assert a[key] is not b[key]
+        assert a[key].kv_cpu is b[key].kv_cpu and a[key]._device_cache is b[key]._device_cache
+    b[("input", 1)].add(lambda out, q, k, v, extra_options, **kw: out, sigma_start=1e9, sigma_end=0.0)
+    assert len(b[("input", 1, 0)].added) == 1 and not a[("input", 1, 0)].added
 
 
 def test_start_end_window(tiny):
@@ -280,3 +290,17 @@ def test_adapter_for_another_base_model_is_refused(comfy, tiny):
         adapter_patch.apply_iqa_adapter(ssd, sdxl_adapter, tokens_for(sdxl_adapter, [[1.0, 1.0]]), 1.0)
     with pytest.raises(ValueError, match="IQAAdapterApply: tokens: quality tokens have width 768"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sdxl_adapter, tokens, 1.0)
+
+
+def test_cleanup_drops_device_caches_and_changes_nothing(tiny):
+    """Hosts >= 0.17 call cleanup() on patch objects after sampling; older hosts never do (harmless there)."""
+    model, adapter, x, context = tiny
+    patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[2.0, 2.0]]), 1.0)
+    first = forward(patched, x, context, [1, 0])
+    patches = set(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())
+    assert all(patch._device_cache for patch in patches)
+    patched.cleanup()  # the host's own call (0.33.0 forwards it to the patches)
+    for patch in patches:
+        patch.cleanup()
+        assert not patch._device_cache and patch.window._last[0] is None
+    assert torch.equal(forward(patched, x, context, [1, 0]), first)

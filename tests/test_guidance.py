@@ -102,14 +102,18 @@ def test_resize_is_differentiable_and_bounded():
     assert guidance.resize_longer_side(images, 0) is images
 
 
-def test_gradient_ready_copy_has_normal_tensors():
+def test_frozen_twin_and_normal_tensors():
     with torch.inference_mode():
         net = torch.nn.Conv2d(3, 2, 3)
     assert guidance.has_inference_tensors(net)
-    copy = guidance.gradient_ready(net)
-    assert not guidance.has_inference_tensors(copy)
-    assert guidance.gradient_ready(net) is copy  # cached
+    copy = guidance.frozen_twin(net)
+    assert not guidance.has_inference_tensors(copy) and guidance.has_inference_tensors(net)
     assert not any(p.requires_grad for p in copy.parameters())
+    with torch.inference_mode():
+        owned = torch.nn.Conv2d(3, 2, 3)
+    weight = owned.weight.clone()
+    assert guidance.normal_tensors(owned) is owned and not guidance.has_inference_tensors(owned)
+    assert torch.equal(owned.weight, weight)
     x = torch.rand(1, 3, 8, 8, requires_grad=True)
     copy(x).sum().backward()
     assert x.grad is not None
@@ -272,7 +276,7 @@ def test_taesd_decoder_option(comfy, setup):
     name = latent_format.taesd_decoder_name
     present = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name + ".")]
     if not present:
-        with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'decoder'.*taesd_decoder"):
+        with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): decoder:.*taesd_decoder"):
             guided(setup, SCALE, decoder="taesd")
         folder = tempfile.mkdtemp(prefix="iqa-guidance-vae-approx-")
         with torch.random.fork_rng():
@@ -291,18 +295,18 @@ def test_taesd_decoder_option(comfy, setup):
 def test_clear_errors(setup):
     nodes = setup["nodes"]
     model, vae, metric = setup["model"], setup["vae"], setup["metric"]
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'scale'.*finite"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): scale:.*finite"):
         nodes.build_guided_model(model, vae, metric, float("nan"), 0.0, 1.0)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'start_at'"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): start_at:"):
         nodes.build_guided_model(model, vae, metric, 1.0, 0.9, 0.1)
     import dataclasses
     frozen = dataclasses.replace(metric, differentiable=False)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'metric'.*differentiable"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): metric:.*differentiable"):
         nodes.build_guided_model(model, vae, frozen, 1.0, 0.0, 1.0)
     wide_vae = random_kl_vae(z_channels=16, ch=32, ch_mult=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'vae'.*16 latent channels.*4"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): vae:.*16 latent channels.*4"):
         nodes.build_guided_model(model, wide_vae, metric, 1.0, 0.0, 1.0)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'target'"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): target:"):
         nodes.build_guided_model(model, vae, metric, 1.0, 0.0, 1.0, target="up")
 
 
@@ -393,3 +397,91 @@ def test_composes_with_the_iqa_adapter_patch(setup, host_dir):
     both_other_order = sample(setup, guidance_then_adapter, seed=6)
     assert torch.isfinite(both).all() and not torch.equal(both, adapter_only)
     assert torch.equal(both, both_other_order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host integration: memory the host can see, devices it chose, every image TAESD it ships
+# ----------------------------------------------------------------------------------------------------
+
+def test_decoder_and_metric_are_host_patchers_on_the_guided_model(comfy, setup):
+    import gc
+    import weakref
+
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfyui_iqa_adapter.nodes import metric_nodes
+
+    nodes, vae, metric = setup["nodes"], setup["vae"], setup["metric"]
+    patched = guided(setup, SCALE)
+    decoder_patcher, metric_patcher = patched.get_additional_models_with_key(nodes.GUIDANCE_MODELS)
+    assert isinstance(decoder_patcher, comfy.model_patcher.ModelPatcher) and not decoder_patcher.is_clone(vae.patcher)
+    assert metric_patcher is metric_nodes.memory_managed(metric)
+    assert decoder_patcher.load_device == comfy.model_management.get_torch_device()
+    # The decoder is a module of its own: no tensor shared with the host's VAE.
+    live = {t.data_ptr() for t in vae.first_stage_model.state_dict().values()}
+    assert not live & {t.data_ptr() for t in decoder_patcher.model.state_dict().values()}
+    # The sampler loads it with the model (the host counts it), and nothing else keeps it alive.
+    sample(setup, patched, seed=1, steps=2)
+    decoder = weakref.ref(decoder_patcher.model)
+    del patched, decoder_patcher, metric_patcher
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    assert decoder() is None, "a gradient decoder outlived its guided model (hidden cache)"
+
+
+def test_vae_loaded_with_dynamic_vram_is_reloaded_by_the_host_not_copied(comfy, setup):
+    """Hosts >= 0.12 with dynamic VRAM: the decoder comes from `patcher.clone(disable_dynamic=True)`."""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        pytest.skip(f"SKIPPED LOUDLY: this host ({comfy.__file__}) has no dynamic VRAM (ModelPatcherDynamic); "
+                    "the 0.33.0 host run covers it")
+    vae = random_kl_vae(seed=4)
+    if not vae.patcher.is_dynamic():
+        pytest.skip("SKIPPED LOUDLY: dynamic VRAM is off on this machine (CPU / no comfy-aimdo): the host loads "
+                    "VAEs with plain patchers here; only a GPU host exercises the reload path")
+    module = setup["nodes"]._own_vae_module(vae)
+    assert module is not vae.first_stage_model
+
+
+def test_every_image_taesd_the_host_ships_loads_and_video_formats_are_refused(comfy, setup, tmp_path):
+    import inspect
+
+    import comfy.latent_formats
+    import comfy.taesd.taesd
+    import folder_paths
+    from safetensors.torch import save_file
+
+    nodes = setup["nodes"]
+    folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
+    image_formats, video_formats = [], []
+    for _, cls in inspect.getmembers(comfy.latent_formats, inspect.isclass):
+        if not issubclass(cls, comfy.latent_formats.LatentFormat) or cls is comfy.latent_formats.LatentFormat:
+            continue
+        try:
+            latent_format = cls()
+        except TypeError:  # a format that needs arguments is not one the host picks by itself
+            continue
+        if getattr(latent_format, "latent_dimensions", 2) != 2:
+            video_formats.append(latent_format)
+        elif getattr(latent_format, "taesd_decoder_name", None):
+            image_formats.append(latent_format)
+    assert image_formats and video_formats
+    for latent_format in image_formats:
+        name = latent_format.taesd_decoder_name
+        if not (tmp_path / f"{name}.safetensors").exists():
+            reference = comfy.taesd.taesd.TAESD(latent_channels=latent_format.latent_channels).taesd_decoder
+            save_file({k: torch.randn_like(v) * 0.05 for k, v in reference.state_dict().items()},
+                      str(tmp_path / f"{name}.safetensors"))
+        module = nodes._taesd_module(latent_format)
+        latent = torch.randn(1, latent_format.latent_channels, 4, 4)
+        image = module.decode(latent)
+        assert image.shape[1] == 3 and image.shape[-1] > 4, (type(latent_format).__name__, tuple(image.shape))
+    print(f"\nimage TAESDs: {sorted({type(f).__name__ + ':' + str(f.latent_channels) for f in image_formats})}")
+    for latent_format in video_formats:
+        with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'model'.*video format"):
+            nodes._check_image_latents(latent_format)
+    # A decoder file for another latent size is refused by name, not loaded into the wrong network.
+    sd15 = next(f for f in image_formats if f.latent_channels == 4)
+    with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'decoder'.*takes 16 latent channels.*has 4"):
+        nodes._taesd_latent_channels({"1.weight": torch.zeros(64, 16, 3, 3)}, sd15)

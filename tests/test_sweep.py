@@ -155,17 +155,9 @@ def test_wrong_batch_is_refused_at_queue_time(comfy_server):
 
 @pytest.mark.timeout(900)
 def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
-    from conftest import api_prompt_txt2img
+    from conftest import api_prompt_target_sweep
 
-    workflow = api_prompt_txt2img(steps=2)
-    workflow["2"]["_meta"] = {"title": "Positive prompt"}
-    workflow["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}}
-    workflow["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["a", 0], "quality": "custom", "percentile": 50.0, "targets": "", "mode": "percentile",
-        "negative_scale": 0.0}}
-    workflow["ap"] = {"class_type": "IQAAdapterApply", "inputs": {
-        "model": ["1", 0], "adapter": ["a", 0], "tokens": ["t", 0], "weight": 1.0, "start_at": 0.0, "end_at": 1.0}}
-    workflow["5"]["inputs"]["model"] = ["ap", 0]
+    workflow = api_prompt_target_sweep(steps=2)
     path = tmp_path / "workflow_api.json"
     path.write_text(json.dumps(workflow))
     out = tmp_path / "sweep"
@@ -175,17 +167,18 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
     first = subprocess.run(base + ["--max-items", "2"], capture_output=True, text=True, timeout=800)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "3 items, 0 already finished, 3 to run" in first.stdout
-    state = json.loads((out / "sweep_state.json").read_text())["items"]
-    assert len(state) == 2
-    before = {k: (v["prompt_id"], v["finished_at"]) for k, v in state.items()}
+    manifest = out / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 2 and {r["status"] for r in records} == {"ok"}
+    assert {r["batch_rows"] for r in records} == {3}  # one sampler run for the three targets
+    before = manifest.read_text()
 
     second = subprocess.run(base, capture_output=True, text=True, timeout=800)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 items, 2 already finished, 1 to run" in second.stdout
-    state = json.loads((out / "sweep_state.json").read_text())["items"]
-    assert len(state) == 3
-    assert {k: (v["prompt_id"], v["finished_at"]) for k, v in state.items() if k in before} == before
-    assert sorted(v["target"] for v in state.values()) == [1.0, 50.0, 99.0]
+    assert manifest.read_text().startswith(before)  # finished items untouched, one line appended
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 3 and sorted(r["target"] for r in records) == [1.0, 50.0, 99.0]
 
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["prompt"], r["seed"], float(r["target"]), r["metric"]) for r in rows] == [
@@ -197,19 +190,21 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
 
     third = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and "3 already finished, 0 to run" in third.stdout
+    assert manifest.read_text().count("\n") == 3
 
 
 def test_cli_finds_nodes_and_complains_clearly():
     cli = _load_by_path("iqa_sweep_cli", PACK_ROOT / "scripts" / "sweep.py")
     from conftest import api_prompt_txt2img
+    from comfyui_iqa_adapter.adapter import sweep_jobs
 
     graph = api_prompt_txt2img()
     assert cli.find_prompt_node(graph) == "2"  # wired to the sampler's positive input
     graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {"targets": "x", "percentile": 1.0, "mode": "raw"}}
-    args = cli.build_parser().parse_args(["w.json"])
-    prepared = cli.prepare_graph(graph, "a dog", 11, 25.0, args)
+    batch = sweep_jobs.plan("w", ["a dog"], [11], [25.0], "percentile", None, [], 1)[0]
+    prepared = sweep_jobs.prepare_graph(graph, batch, "percentile")
     assert prepared["2"]["inputs"]["text"] == "a dog" and prepared["5"]["inputs"]["seed"] == 11
     assert prepared["t"]["inputs"] == {"quality": "custom", "targets": "", "percentile": 25.0, "mode": "percentile"}
-    del graph["t"]
-    with pytest.raises(cli.SweepError, match="IQAAdapterEncodeTarget"):
-        cli.prepare_graph(graph, "a dog", 1, 1.0, args)
+    assert cli.main(["--report", "--out", "/nonexistent/sweep"]) == 2  # nothing finished there: a clear error
+    with pytest.raises(cli.SweepError, match="--targets"):
+        cli.parse_targets("1, x")
