@@ -318,7 +318,8 @@ def write_report(records: list[dict], out_dir: pathlib.Path, meta: dict, directi
         {k: r.get(k) for k in ("prompt", "seed", "target", "error")} for r in failed]}
     if scores:
         report = sweep.write_report(out_dir, "sweep", targets, scores, None, [r["image"] for r in records], meta,
-                                    directions, grid=grid, groups=groups, per_image_meta=per_image)
+                                    directions, grid=grid, groups=groups, per_image_meta=per_image,
+                                    replace=True)  # the report of this folder's (resumed) state
         print("[sweep] " + sweep.summary_text(report["summary"]).replace("\n", "\n[sweep] "))
     elif grid is not None:
         sweep.save_png(grid, out_dir / "sweep_grid.png")

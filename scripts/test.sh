@@ -3,7 +3,7 @@
 # browser tests) and runs the tests over the host matrix:
 #   1. the whole suite on the default host (ComfyUI 0.3.75 from the wheel, or COMFYUI_PATH);
 #   2. when ../shared/hosts/ComfyUI-0.33.0.tar.gz lies beside this checkout (it does in CI): the
-#      host-contract, workflow, adapter, guidance and browser tests on ComfyUI 0.33.0, then the browser
+#      host-contract, workflow, adapter, interop, guidance and browser tests on ComfyUI 0.33.0, then the browser
 #      tests on 0.33.0 with the newest frontend (comfyui-frontend-package 1.58.1).
 # Extra arguments go to every pytest run (e.g. -k foundation). IQA_TEST_MATRIX=default runs only step 1.
 set -uo pipefail
@@ -13,7 +13,7 @@ second_host_tarball="${IQA_SHARED_DIR:-$root/../shared}/hosts/ComfyUI-0.33.0.tar
 second_host="0.33.0"
 newest_frontend="1.58.1"
 second_host_tests=(tests/test_host_contract.py tests/test_workflows.py tests/test_adapter_nodes.py
-                   tests/test_adapter_patch.py tests/test_guidance.py tests/test_browser.py)
+                   tests/test_adapter_patch.py tests/test_interop.py tests/test_guidance.py tests/test_browser.py)
 
 setup_start=$(date +%s)
 IQA_SETUP_TEST=1 bash scripts/setup.sh || { echo "setup failed" >&2; exit 1; }
@@ -60,7 +60,7 @@ run() {
 run "ComfyUI default host (whole suite)" .venv/bin/python IQA_TEST_HOST=default -- tests "$@"
 if [ "$matrix" = 1 ]; then
   py2=".host/$second_host/venv/bin/python"
-  run "ComfyUI $second_host (contract, workflows, adapter, guidance, browser)" "$py2" IQA_TEST_HOST="$second_host" \
+  run "ComfyUI $second_host (contract, workflows, adapter, interop, guidance, browser)" "$py2" IQA_TEST_HOST="$second_host" \
     -- "${second_host_tests[@]}" "$@"
   run "ComfyUI $second_host + frontend $newest_frontend (browser)" "$py2" IQA_TEST_HOST="$second_host" \
     IQA_TEST_FRONTEND="$newest_frontend" -- tests/test_browser.py "$@"
