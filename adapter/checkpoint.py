@@ -23,24 +23,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import synthetic, training_layout
+from . import synthetic, tensor_files, training_layout
 from .descriptor import Descriptor, check_input_dim, resolve_descriptor, sidecar_path
+from .errors import InputError, quote
+from .files import file_signature
 
 PICKLE_EXTENSIONS = {".bin", ".pt", ".pth", ".ckpt"}
 SAFETENSORS_EXTENSIONS = {".safetensors", ".sft"}
 LINEAR_KEYS = {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
 MLP_KEYS = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"}
 LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
-SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                        "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(InputError):
     """A weights file that is not a valid IQA-Adapter checkpoint; the message names the file and the key."""
 
     def __init__(self, path: str | os.PathLike, message: str):
         self.path = str(path)
-        super().__init__(f"IQA-Adapter file {self.path}: {message}")
+        shown = self.path if len(self.path) <= 300 else "..." + self.path[-300:]
+        super().__init__(f"IQA-Adapter file {shown}: {message}")
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,13 @@ class IQAAdapter:
 
 
 def adapter_cache_key(path: str | os.PathLike) -> tuple:
-    """What a loaded adapter depends on: (resolved weights path, mtime_ns, size, descriptor signature).
+    """What a loaded adapter depends on: the weights' file signature (files.file_signature: size, mtime,
+    ctime, inode, head/tail hash, so a copy with a preserved mtime is noticed) + the descriptor signature.
 
     The descriptor signature is the sidecar JSON's content hash (None without a sidecar), so an edited,
     broken or deleted sidecar changes the key even when its mtime and size do not.
     """
-    resolved = pathlib.Path(path).resolve()
-    st = resolved.stat()
-    return str(resolved), st.st_mtime_ns, st.st_size, _sidecar_signature(sidecar_path(path))
+    return (*file_signature(path), _sidecar_signature(sidecar_path(path)))
 
 
 def _sidecar_signature(side: pathlib.Path) -> str | None:
@@ -105,64 +105,11 @@ def _sidecar_signature(side: pathlib.Path) -> str | None:
 
 # ---------------------------------------------------------------- reading
 
-def _check_safetensors_header(path: pathlib.Path, size: int) -> None:
-    """Validate the header ourselves first: clear messages for truncated or lying files."""
-    if size < 8:
-        raise AdapterFileError(path, f"truncated safetensors file ({size} bytes, the 8-byte header length is missing)")
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > size - 8:
-            raise AdapterFileError(path, f"truncated or corrupt safetensors file: header claims {header_len} bytes "
-                                         f"but only {size - 8} follow")
-        raw = handle.read(header_len)
+def _read_tensors(path: pathlib.Path, safetensors: bool):
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFileError(path, "corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(path, "corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - header_len
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            count = 1
-            for dim in shape:
-                count *= int(dim)
-            expected = count * SAFETENSORS_ITEMSIZE[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(path, f"key {key!r}: corrupt safetensors header entry {entry!r}") from None
-        if not (0 <= begin <= end <= data_len) or end - begin != expected:
-            raise AdapterFileError(path, f"key {key!r}: header says bytes {begin}..{end} for {dtype}{list(shape)} "
-                                         f"({expected} bytes) but the data section has {data_len} bytes "
-                                         "(truncated or corrupt file)")
-
-
-def _read_safetensors(path: pathlib.Path, size: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    _check_safetensors_header(path, size)
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise AdapterFileError(path, f"cannot read safetensors: {error}") from None
-
-
-def _read_pickle(path: pathlib.Path) -> dict:
-    import pickle
-
-    try:
-        # weights_only=True: only tensors/containers are rebuilt; any other global is refused unexecuted.
-        # A file object, not the path: torch.load would pick a loader by extension (.safetensors).
-        with path.open("rb") as handle:
-            return torch.load(handle, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AdapterFileError(path, f"refused: the pickle holds more than tensors (it could run code), "
-                                     f"so it was not loaded ({first})") from None
-    except Exception as error:  # truncated zip, garbage bytes, ...
-        raise AdapterFileError(path, f"cannot read torch file (truncated or corrupt?): {type(error).__name__}: {error}") from None
+        return tensor_files.read_safetensors(path)[0] if safetensors else tensor_files.read_torch(path)
+    except tensor_files.TensorFileError as error:
+        raise AdapterFileError(path, error.reason) from None
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -184,10 +131,7 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     # safetensors = u64 header length + '{'; torch = zip ("PK\x03\x04") or a raw pickle (0x80, protocol).
     looks_safetensors = len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{"
     looks_torch = head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")
-    if looks_safetensors or (ext in SAFETENSORS_EXTENSIONS and not looks_torch):
-        loaded = _read_safetensors(path, size)
-    else:
-        loaded = _read_pickle(path)
+    loaded = _read_tensors(path, looks_safetensors or (ext in SAFETENSORS_EXTENSIONS and not looks_torch))
     return _flatten(path, loaded)
 
 
@@ -203,7 +147,7 @@ def _flatten(path: pathlib.Path, loaded) -> dict[str, torch.Tensor]:
             flat[str(key)] = value
     for key, value in flat.items():
         if not isinstance(value, torch.Tensor):
-            raise AdapterFileError(path, f"key {key!r}: expected a tensor, got {type(value).__name__}")
+            raise AdapterFileError(path, f"key {quote(key)}: expected a tensor, got {type(value).__name__}")
     return flat
 
 
@@ -227,7 +171,7 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         elif key.startswith("ip_adapter."):
             layers[key[len("ip_adapter."):]] = tensor
         else:
-            raise AdapterFileError(path, f"unexpected key {key!r} (expected only image_proj.* and ip_adapter.*)")
+            raise AdapterFileError(path, f"unexpected key {quote(key)} (expected only image_proj.* and ip_adapter.*)")
     if not proj:
         raise AdapterFileError(path, "no image_proj.* keys (not an IQA-Adapter / IP-Adapter file?)")
     if not layers:
@@ -236,7 +180,7 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     dtypes = set()
     for key, tensor in list(state_dict.items()):
         if not tensor.is_floating_point():
-            raise AdapterFileError(path, f"key {key!r}: dtype {tensor.dtype} is not a floating-point type")
+            raise AdapterFileError(path, f"key {quote(key)}: dtype {tensor.dtype} is not a floating-point type")
         dtypes.add(str(tensor.dtype).replace("torch.", ""))
     # Everything becomes fp32 once, here; finiteness is checked on the fp32 copy (aminmax propagates
     # NaN and shows +-inf, and is much faster than isfinite on half-precision CPU tensors).

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 from ..models import adapters as catalog
 from ..models import stats as cc3m
+from .errors import InputError, quote
 
 KINDS = ("score", "reference")
 NORMALIZATIONS = ("zscore", "none")
 # CLIP antonym features of the training CLI (no CC3M statistics; usable with custom stats or 'none').
 CLIP_ANTONYM_FEATURES = ("brightness", "noisiness", "colorfulness", "sharpness", "contrast", "realism")
+MAX_SIDECAR_BYTES = 1024 ** 2
 SIDECAR_KEYS = {"name", "kind", "metrics", "normalization", "metric_stats", "use_flag", "pos_encode_L", "extractor"}
 EXTRACTOR_KEYS = {"model", "layers", "pooling", "dim"}
 
@@ -73,7 +75,17 @@ class Descriptor:
 
 
 def _fail(source: str, message: str) -> None:
-    raise ValueError(f"IQA-Adapter descriptor ({source}): {message}")
+    raise InputError(f"IQA-Adapter descriptor ({source}): {message}")
+
+
+def _finite_number(value) -> bool:
+    """A JSON number that is finite as a float (huge JSON integers overflow float conversion)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
@@ -82,19 +94,19 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
         _fail(source, f"expected a JSON object, got {type(data).__name__}. Example: {SIDECAR_EXAMPLE}")
     unknown = sorted(set(data) - SIDECAR_KEYS)
     if unknown:
-        _fail(source, f"unknown field(s) {unknown}; allowed: {sorted(SIDECAR_KEYS)}")
+        _fail(source, f"unknown field(s) {quote(unknown)}; allowed: {sorted(SIDECAR_KEYS)}")
     kind = data.get("kind", "score")
     if kind not in KINDS:
-        _fail(source, f"'kind' must be one of {KINDS}, got {kind!r}")
+        _fail(source, f"'kind' must be one of {KINDS}, got {quote(kind)}")
     normalization = data.get("normalization", "zscore")
     if normalization not in NORMALIZATIONS:
-        _fail(source, f"'normalization' must be one of {NORMALIZATIONS}, got {normalization!r}")
+        _fail(source, f"'normalization' must be one of {NORMALIZATIONS}, got {quote(normalization)}")
     use_flag = data.get("use_flag", False)
     if not isinstance(use_flag, bool):
-        _fail(source, f"'use_flag' must be true or false, got {use_flag!r}")
+        _fail(source, f"'use_flag' must be true or false, got {quote(use_flag)}")
     pos_encode_L = data.get("pos_encode_L", 0)
     if not isinstance(pos_encode_L, int) or isinstance(pos_encode_L, bool) or not 0 <= pos_encode_L <= 32:
-        _fail(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), got {pos_encode_L!r}")
+        _fail(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), got {quote(pos_encode_L)}")
 
     metric_stats_raw = data.get("metric_stats", {}) or {}
     if not isinstance(metric_stats_raw, dict):
@@ -102,28 +114,28 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
     metric_stats: dict[str, dict[str, float]] = {}
     for metric, entry in metric_stats_raw.items():
         if not isinstance(entry, dict) or set(entry) != {"mean", "std"}:
-            _fail(source, f"'metric_stats'[{metric!r}] must be {{\"mean\": number, \"std\": number}}, got {entry!r}")
+            _fail(source, f"'metric_stats'[{quote(metric)}] must be {{\"mean\": number, \"std\": number}}, got {quote(entry)}")
         mean, std = entry["mean"], entry["std"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std)):
-            _fail(source, f"'metric_stats'[{metric!r}]: mean and std must be finite numbers, got {entry!r}")
+        if not all(_finite_number(v) for v in (mean, std)):
+            _fail(source, f"'metric_stats'[{quote(metric)}]: mean and std must be finite numbers, got {quote(entry)}")
         if std <= 0:
-            _fail(source, f"'metric_stats'[{metric!r}]: std must be > 0, got {std}")
+            _fail(source, f"'metric_stats'[{quote(metric)}]: std must be > 0, got {std}")
         metric_stats[metric] = {"mean": float(mean), "std": float(std)}
 
     metrics = data.get("metrics", [])
     extractor = data.get("extractor")
     if kind == "score":
         if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-            _fail(source, f"'metrics' must be a non-empty list of pyiqa metric ids, got {metrics!r}. Example: {SIDECAR_EXAMPLE}")
+            _fail(source, f"'metrics' must be a non-empty list of pyiqa metric ids, got {quote(metrics)}. Example: {SIDECAR_EXAMPLE}")
         if len(set(metrics)) != len(metrics):
-            _fail(source, f"'metrics' lists a metric twice: {metrics}")
+            _fail(source, f"'metrics' lists a metric twice: {quote(metrics)}")
         known = set(cc3m.known_metrics())
         for metric in metrics:
             if metric in known or metric in metric_stats:
                 continue
             if normalization == "none" and metric in CLIP_ANTONYM_FEATURES:
                 continue
-            _fail(source, f"unknown metric {metric!r}: it has no CC3M statistics. Known: {', '.join(sorted(known))}. "
+            _fail(source, f"unknown metric {quote(metric)}: it has no CC3M statistics. Known: {', '.join(sorted(known))}. "
                           "For another metric give its mean/std in 'metric_stats'.")
         if extractor is not None:
             _fail(source, "'extractor' is only for kind 'reference'")
@@ -135,18 +147,18 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
                           "\"pooling\": \"avg\", \"dim\": activation vector length}")
         unknown = sorted(set(extractor) - EXTRACTOR_KEYS)
         if unknown:
-            _fail(source, f"unknown 'extractor' field(s) {unknown}; allowed: {sorted(EXTRACTOR_KEYS)}")
+            _fail(source, f"unknown 'extractor' field(s) {quote(unknown)}; allowed: {sorted(EXTRACTOR_KEYS)}")
         if not isinstance(extractor.get("model"), str):
-            _fail(source, f"'extractor'.'model' must be a pyiqa metric id, got {extractor.get('model')!r}")
+            _fail(source, f"'extractor'.'model' must be a pyiqa metric id, got {quote(extractor.get('model'))}")
         dim = extractor.get("dim")
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-            _fail(source, f"'extractor'.'dim' must be a positive integer (the activation vector length), got {dim!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= 1_000_000:
+            _fail(source, f"'extractor'.'dim' must be a positive integer (the activation vector length), got {quote(dim)}")
         if use_flag or pos_encode_L:
             _fail(source, "kind 'reference' takes no 'use_flag' / 'pos_encode_L'")
         extractor = dict(extractor)
     name = data.get("name", "")
     if not isinstance(name, str):
-        _fail(source, f"'name' must be a string, got {name!r}")
+        _fail(source, f"'name' must be a string, got {quote(name)}")
     return Descriptor(
         kind=kind, metrics=tuple(metrics), normalization=normalization, metric_stats=metric_stats,
         use_flag=use_flag, pos_encode_L=pos_encode_L, extractor=extractor, name=name, source=source,
@@ -161,14 +173,20 @@ def sidecar_path(weights_path: str | pathlib.Path) -> pathlib.Path:
 def load_sidecar(path: str | pathlib.Path) -> Descriptor:
     path = pathlib.Path(path)
     try:
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            raise InputError(f"IQA-Adapter descriptor ({path}): the sidecar JSON has {path.stat().st_size} bytes; "
+                             f"a descriptor is a few hundred (at most {MAX_SIDECAR_BYTES})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"IQA-Adapter descriptor ({path}): cannot read the sidecar JSON: {error}") from None
+        raise InputError(f"IQA-Adapter descriptor ({path}): cannot read the sidecar JSON: {error}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"IQA-Adapter descriptor ({path}): invalid JSON at line {error.lineno}, column {error.colno}: "
+        raise InputError(f"IQA-Adapter descriptor ({path}): invalid JSON at line {error.lineno}, column {error.colno}: "
                          f"{error.msg}. Example: {SIDECAR_EXAMPLE}") from None
+    except (RecursionError, ValueError):
+        raise InputError(f"IQA-Adapter descriptor ({path}): the sidecar JSON is nested too deeply or holds "
+                         f"unreadable numbers. Example: {SIDECAR_EXAMPLE}") from None
     return descriptor_from_dict(data, source=str(path))
 
 

@@ -37,6 +37,8 @@ from urllib.parse import quote, unquote, urlparse
 import torch
 
 from ..models.metrics import metric_info
+from . import tensor_files
+from .files import file_signature
 
 SAFE_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -62,17 +64,15 @@ class UnsafeWeightsError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 def read_state_dict(path: str) -> dict:
-    """Tensors of a weight file without unpickling code: safetensors, or torch.load(weights_only=True)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+    """Tensors of a weight file without unpickling code, through the bounded reader (tensor_files)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the restricted unpickler refused something: never retry unsafely
+        if path.endswith(".safetensors"):
+            return tensor_files.read_safetensors(path)[0]
+        return tensor_files.read_torch(path)
+    except tensor_files.TensorFileError as error:
         raise UnsafeWeightsError(
-            f"weight file '{path}' could not be read safely (torch.load weights_only=True refused it: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Files that need "
-            f"full unpickling are not loaded; convert it to .safetensors (tensors only).") from error
+            f"weight file '{path}' could not be read safely: {error.reason}. Files that need full unpickling "
+            f"are not loaded; convert it to .safetensors (tensors only).") from None
 
 
 def unwrap_state_dict(raw, weight_keys: str | None) -> dict[str, torch.Tensor]:
@@ -129,9 +129,8 @@ def _file_name_of(url_or_path: str) -> str:
         else os.path.basename(url_or_path)
 
 
-def _signature(path: str) -> tuple[str, float, int]:
-    stat = os.stat(path)
-    return path, stat.st_mtime, stat.st_size
+def _signature(path: str) -> tuple:
+    return file_signature(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,8 +662,9 @@ def validate_images(images: torch.Tensor, metric: str, what: str) -> None:
 # Loading + cache
 # ----------------------------------------------------------------------------------------------------
 
-_CACHE: dict[tuple, tuple[LoadedMetric, list[tuple[str, float, int]]]] = {}
+_CACHE: dict[tuple, tuple[LoadedMetric, list[tuple]]] = {}  # insertion order = least recently used first
 _CACHE_LOCK = threading.RLock()
+METRIC_CACHE_SIZE = 4  # cached metrics, counting each (device, differentiable) variant: the cap holds on every path
 
 
 def _guarded_create(name: str, folders: list[str], clip_mode: str = "load", clip_folders: list[str] | None = None,
@@ -724,7 +724,8 @@ def load_metric(name: str, user_folders: Iterable[str] = (), device: str = "auto
             metric, signatures = _CACHE[key]
             try:
                 if [_signature(path) for path, *_ in signatures] == signatures:
-                    return metric  # same files, same mtime and size
+                    _CACHE[key] = _CACHE.pop(key)  # most recently used
+                    return metric  # same files, unchanged
             except OSError:
                 pass  # a weight file vanished: rebuild (and fail clearly if it is really gone)
             _CACHE.pop(key, None)
@@ -739,6 +740,8 @@ def load_metric(name: str, user_folders: Iterable[str] = (), device: str = "auto
             is_full_reference=getattr(model, "metric_mode", None) == "FR", device=torch_device,
             net=model, weight_files=files)
         if use_cache:
+            while len(_CACHE) >= METRIC_CACHE_SIZE:
+                del _CACHE[next(iter(_CACHE))]
             _CACHE[key] = (metric, [_signature(path) for path in files])
         return metric
 

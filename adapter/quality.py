@@ -19,13 +19,17 @@ import torch
 
 from ..models import stats as cc3m
 from .descriptor import Descriptor
+from .errors import InputError, quote
 
 TARGET_MODES = ("percentile", "zscore", "raw")
+# The value fed to the adapter for one metric (a z-score, or a raw value for normalization 'none'): real
+# images lie within about +-6 z; far beyond, the tokens overflow or collapse (black or target-blind images).
+MAX_INPUT_VALUE = 1.0e4
 
 
 def _check_mode(mode: str) -> None:
     if mode not in TARGET_MODES:
-        raise ValueError(f"target mode must be one of {TARGET_MODES}, got {mode!r}")
+        raise InputError(f"target mode must be one of {TARGET_MODES}, got {quote(mode)}", "mode")
 
 
 def target_to_raw(descriptor: Descriptor, metric: str, value: float, mode: str = "percentile") -> float | None:
@@ -47,10 +51,13 @@ def metric_input_value(descriptor: Descriptor, metric: str, value: float, mode: 
     """The number fed to the adapter for one metric (its z-score, or the raw value if normalization 'none')."""
     _check_mode(mode)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"target for {metric!r} must be a number, got {value!r}")
-    value = float(value)
+        raise ValueError(f"target for {metric!r} must be a number, got {quote(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
-        raise ValueError(f"target for {metric!r} must be finite, got {value}")
+        raise ValueError(f"target for {metric!r} must be finite, got {quote(value)}")
     if mode == "percentile" and not 0.0 < value < 100.0:
         raise ValueError(f"percentile target for {metric!r} must be strictly between 0 and 100, got {value} "
                          "(0 and 100 are the CC3M min/max, outliers; use 'raw' or 'zscore' mode to go beyond)")
@@ -58,15 +65,22 @@ def metric_input_value(descriptor: Descriptor, metric: str, value: float, mode: 
         raise ValueError(f"percentile targets need CC3M quantiles, and {metric!r} has none; use 'zscore' or 'raw' mode")
     if descriptor.normalization == "none":
         if mode == "raw":
-            return value
-        if mode == "zscore":
+            fed = value
+        elif mode == "zscore":
             mean, std = descriptor.stats_for(metric)
-            return mean + value * std
-        return target_to_raw(descriptor, metric, value, mode)
-    if mode == "zscore":
-        return value
-    mean, std = descriptor.stats_for(metric)
-    return (target_to_raw(descriptor, metric, value, mode) - mean) / std
+            fed = mean + value * std
+        else:
+            fed = target_to_raw(descriptor, metric, value, mode)
+    elif mode == "zscore":
+        fed = value
+    else:
+        mean, std = descriptor.stats_for(metric)
+        fed = (target_to_raw(descriptor, metric, value, mode) - mean) / std
+    if not (math.isfinite(fed) and abs(fed) <= MAX_INPUT_VALUE):
+        raise ValueError(f"target {value:g} for {metric!r} ({mode}) gives the adapter the value {fed:.3g}, beyond "
+                         f"+-{MAX_INPUT_VALUE:g} (z-scores of real images lie within about +-6; larger values make "
+                         "NaN or collapsed tokens, i.e. black images); use a moderate target")
+    return fed
 
 
 def _check_target_names(descriptor: Descriptor, target: dict) -> None:
@@ -77,10 +91,11 @@ def _check_target_names(descriptor: Descriptor, target: dict) -> None:
     if unknown or missing:
         parts = []
         if unknown:
-            parts.append(f"unknown metric(s) {unknown}")
+            parts.append(f"unknown metric(s) {quote(unknown)}")
         if missing:
             parts.append(f"missing metric(s) {missing}")
-        raise ValueError(f"target {target}: {'; '.join(parts)}. This adapter expects exactly: {list(descriptor.metrics)}")
+        raise ValueError(f"target {quote(target)}: {'; '.join(parts)}. This adapter expects exactly: "
+                         f"{list(descriptor.metrics)}")
 
 
 def positional_encoding(vectors: torch.Tensor, num_frequencies: int) -> torch.Tensor:
@@ -129,10 +144,17 @@ def describe_target(descriptor: Descriptor, target: dict, mode: str = "percentil
 _ENTRY = re.compile(r"^\s*([A-Za-z0-9_+\-.]+)\s*=\s*(\S+)\s*$")
 
 
-def parse_targets(text: str) -> list[dict[str, float]]:
-    """"topiq_nr=99, laion_aes=90; topiq_nr=1, laion_aes=1" -> one dict per row (rows: ';' or newlines)."""
+def parse_targets(text: str, max_rows: int | None = None) -> list[dict[str, float]]:
+    """"topiq_nr=99, laion_aes=90; topiq_nr=1, laion_aes=1" -> one dict per row (rows: ';' or newlines).
+    More than `max_rows` rows is an error, raised before any row is built."""
     rows: list[dict[str, float]] = []
-    for row_number, row in enumerate(re.split(r"[;\n]", text), start=1):
+    pieces = re.split(r"[;\n]", text)
+    if max_rows is not None:
+        count = sum(1 for piece in pieces if piece.strip())
+        if count > max_rows:
+            raise ValueError(f"{count} target rows, but at most {max_rows} fit this adapter and the host's latent "
+                             "batch (one row conditions one latent); use fewer rows")
+    for row_number, row in enumerate(pieces, start=1):
         if not row.strip():
             continue
         target: dict[str, float] = {}
@@ -141,17 +163,17 @@ def parse_targets(text: str) -> list[dict[str, float]]:
                 continue
             match = _ENTRY.match(entry)
             if not match:
-                raise ValueError(f"targets row {row_number}: cannot read {entry.strip()!r}; write metric=value, "
+                raise ValueError(f"targets row {row_number}: cannot read {quote(entry.strip())}; write metric=value, "
                                  "e.g. 'topiq_nr=99, laion_aes=90' (rows separated by ';' or new lines)")
             name, raw_value = match.groups()
             try:
                 value = float(raw_value)
             except ValueError:
-                raise ValueError(f"targets row {row_number}: value of {name!r} is not a number: {raw_value!r}") from None
+                raise ValueError(f"targets row {row_number}: value of {quote(name)} is not a number: {quote(raw_value)}") from None
             if not math.isfinite(value):
-                raise ValueError(f"targets row {row_number}: value of {name!r} must be finite, got {raw_value!r}")
+                raise ValueError(f"targets row {row_number}: value of {quote(name)} must be finite, got {quote(raw_value)}")
             if name in target:
-                raise ValueError(f"targets row {row_number}: {name!r} given twice")
+                raise ValueError(f"targets row {row_number}: {quote(name)} given twice")
             target[name] = value
         rows.append(target)
     if not rows:

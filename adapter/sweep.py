@@ -11,7 +11,6 @@ reports that scores follow the target monotonically (reference README 3.3): rho 
 """
 from __future__ import annotations
 
-import csv
 import io as _io
 import json
 import math
@@ -25,7 +24,8 @@ import numpy as np
 
 from ..models import stats as cc3m
 from ..models.metrics import metric_info
-from . import quality
+from . import files, quality
+from .errors import quote
 
 # linear: evenly spaced values (the default: 8 targets from 1 to 99); quantile-knots: the CC3M quantile
 # levels inside [from, to] (exact statistics, percentile mode only; 'steps' ignored); normal: evenly spaced
@@ -37,6 +37,7 @@ PAPER_PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)
 CC3M_KNOTS = tuple(float(level) for level in cc3m.QUANTILE_LEVELS)
 MAX_SWEEP_STEPS = 256
 
+REPORT_SUFFIXES = (".csv", ".json", "_chart.png", "_grid.png")
 REPORT_COLUMNS = ("prompt", "seed", "model", "adapter", "index", "image", "target_mode", "swept_metrics",
                   "target", "target_raw", "metric", "lower_better", "score_size", "score")
 
@@ -86,9 +87,9 @@ def resolve_metrics(adapter_metrics: Sequence[str], text: str) -> list[str]:
         return list(adapter_metrics)
     unknown = [name for name in names if name not in adapter_metrics]
     if unknown:
-        raise ValueError(f"metric(s) {unknown} are not inputs of this adapter; it takes {list(adapter_metrics)}")
+        raise ValueError(f"metric(s) {quote(unknown)} are not inputs of this adapter; it takes {list(adapter_metrics)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"a metric is listed twice: {names}")
+        raise ValueError(f"a metric is listed twice: {quote(names)}")
     return [m for m in adapter_metrics if m in names]  # adapter order
 
 
@@ -102,9 +103,9 @@ def hold_value(metric: str, hold: str, mode: str) -> float | None:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"hold must be empty (CC3M median), 'same', or a number; got {hold!r}") from None
+            raise ValueError(f"hold must be empty (CC3M median), 'same', or a number; got {quote(hold)}") from None
         if not math.isfinite(value):
-            raise ValueError(f"hold must be finite, got {hold!r}")
+            raise ValueError(f"hold must be finite, got {quote(hold)}")
         return value
     if mode == "percentile":
         return 50.0
@@ -263,28 +264,24 @@ def build_table(targets: SweepTargets, scores: dict[str, Sequence[float]], image
     return rows
 
 
-def write_csv(rows: Sequence[dict], path: str | pathlib.Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def write_csv(rows: Sequence[dict], path: str | pathlib.Path) -> pathlib.Path:
+    """A new CSV (never overwrites; formula-like text neutralised): files.write_csv."""
+    return files.write_csv(path, REPORT_COLUMNS, rows)
 
 
 def write_json(report: dict, path: str | pathlib.Path) -> None:
-    def clean(value):  # JSON has no NaN
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-    pathlib.Path(path).write_text(json.dumps(clean(report), indent=2))
+    """A new JSON file (never overwrites); NaN becomes null."""
+    files.create_new(path, files.json_text(report, indent=2))
 
 
 # --------------------------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------------------------
+
+def plain_text(text: str) -> str:
+    """matplotlib parses '$...$' as mathtext (user text could crash the chart): escape every dollar."""
+    return str(text).replace("$", r"\$")
+
 
 def _format_target(value: float, mode: str) -> str:
     return {"percentile": f"p{value:.3g}", "zscore": f"z={value:+.2f}", "raw": f"{value:.4g}"}[mode]
@@ -317,12 +314,14 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
     x_label = {"percentile": "target (CC3M percentile)", "zscore": "target (z-score)", "raw": "target (raw)"}[mode]
     if swept_metrics:
         x_label += " of " + " + ".join(swept_metrics)
+    x_label = plain_text(x_label)
     for axis, metric in zip(axes, metrics):
         y = np.asarray(scores[metric], dtype=np.float64)
         group_names = sorted(set(groups)) if groups is not None else [None]
         for name in group_names:
             mask = np.ones(len(x), bool) if name is None else np.array([g == name for g in groups])
-            axis.scatter(x[mask], y[mask], s=22, alpha=0.8, label=name if name and len(group_names) > 1 else None)
+            axis.scatter(x[mask], y[mask], s=22, alpha=0.8,
+                         label=plain_text(name) if name and len(group_names) > 1 else None)
         unique_x = np.unique(x[np.isfinite(x)])
         means = np.array([np.nanmean(y[x == u]) for u in unique_x])
         axis.plot(unique_x, means, color="tab:blue", linewidth=1.2, label="measured (mean)")
@@ -341,12 +340,12 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
         axis.text(0.03, 0.97, text, transform=axis.transAxes, va="top", fontsize=9,
                   bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
         axis.set_xlabel(x_label, fontsize=9)
-        axis.set_ylabel(f"{metric} (measured)", fontsize=9)
-        axis.set_title(metric, fontsize=10)
+        axis.set_ylabel(plain_text(f"{metric} (measured)"), fontsize=9)
+        axis.set_title(plain_text(metric), fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if title:
-        figure.suptitle(title, fontsize=10)
+        figure.suptitle(plain_text(title), fontsize=10)
     figure.tight_layout()
     canvas = figure.canvas
     canvas.draw()
@@ -435,10 +434,18 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
                  images: np.ndarray | None, image_names: Sequence[str], meta: dict | None = None,
                  directions: dict[str, bool] | None = None, grid: np.ndarray | None = None,
                  groups: Sequence[str] | None = None, per_image_meta: Sequence[dict] | None = None,
-                 progress: Callable[[str], None] | None = None, score_sizes: dict[str, str] | None = None) -> dict:
-    """Write <stem>_grid.png, <stem>_chart.png, <stem>.csv, <stem>.json in out_dir; returns paths, arrays, summary."""
+                 progress: Callable[[str], None] | None = None, replace: bool = False,
+                 score_sizes: dict[str, str] | None = None) -> dict:
+    """Write <stem>_grid.png, <stem>_chart.png, <stem>.csv, <stem>.json in out_dir; returns paths, arrays, summary.
+    Nothing is overwritten: when one of those exists, the stem becomes <stem>_2, <stem>_3, ... `replace`
+    (the resumable CLI, which owns its folder and rewrites the report of its own state) replaces them.
+    `score_sizes`: metric -> how its images were sized for scoring (recorded in the CSV / JSON)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if replace:
+        for suffix in REPORT_SUFFIXES:
+            (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    stem = files.free_stem(out_dir, stem, REPORT_SUFFIXES)
     meta = dict(meta or {})
     score_sizes = {metric: (score_sizes or {}).get(metric, "") for metric in scores}
     table = build_table(targets, scores, image_names, meta, directions, per_image_meta, score_sizes)
@@ -455,10 +462,10 @@ def write_report(out_dir: str | pathlib.Path, stem: str, targets: SweepTargets, 
                                  ideal, groups,
                                  title=" | ".join(b for b in title_bits if b))
     paths = {"chart": out_dir / f"{stem}_chart.png", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
-    save_png(chart, paths["chart"])
+    files.create_new(paths["chart"], png_bytes(chart))
     if grid is not None:
         paths["grid"] = out_dir / f"{stem}_grid.png"
-        save_png(grid, paths["grid"])
+        files.create_new(paths["grid"], png_bytes(grid))
     write_csv(table, paths["csv"])
     write_json({**meta, "targets": asdict(targets), "summary": summary, "score_sizes": score_sizes, "rows": table,
                 "files": {k: p.name for k, p in paths.items()}}, paths["json"])

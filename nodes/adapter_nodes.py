@@ -13,11 +13,13 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import checkpoint, projection, quality
+from ..adapter import checkpoint, errors, projection, quality
+from ..adapter.files import check_user_path, file_signature
 from ..adapter import quality as quality_module  # 'quality' is also the encode node's input name
 from ..models import metrics as metric_catalog
 from ..models import stats as cc3m
 from . import adapter_patch, graph, presentation
+from .limits import host_batch_cap
 from .paths import ADAPTER_FOLDER
 
 IQAAdapterType = io.Custom("IQA_ADAPTER")
@@ -31,8 +33,7 @@ _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
 
-def _fail(node: str, input_name: str, message: str):
-    raise ValueError(presentation.invalid(node, input_name, message))
+_fail = errors.fail  # raises `Display Name: input: message` (errors.NodeInputError, a ValueError)
 
 
 def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
@@ -54,8 +55,7 @@ def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
 def _file_fingerprint(path: str | None):
     if not path or not os.path.isfile(path):
         return None
-    st = os.stat(path)
-    return (path, st.st_mtime_ns, st.st_size)
+    return file_signature(path)
 
 
 class IQAAdapterLoader(io.ComfyNode):
@@ -89,14 +89,16 @@ class IQAAdapterLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, adapter_name):
         # The same key as the adapter cache: the node re-runs when the weights or the descriptor change.
-        path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         try:
+            path = folder_paths.get_full_path(ADAPTER_FOLDER, check_user_path(adapter_name, "adapter_name"))
             return checkpoint.adapter_cache_key(path) if path else None
-        except OSError:
-            return None
+        except (ValueError, OSError):
+            return None  # execute reports it
 
     @classmethod
+    @errors.node_errors("IQAAdapterLoader", "adapter_name")
     def execute(cls, adapter_name) -> io.NodeOutput:
+        check_user_path(adapter_name, "adapter_name")
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         if path is None:
             _fail("IQAAdapterLoader", "adapter_name", f"{presentation.quoted(adapter_name)} not found in models/{ADAPTER_FOLDER}")
@@ -237,6 +239,7 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
         return presentation.invalid(ENCODE, *problem)
 
     @classmethod
+    @errors.node_errors(ENCODE, "targets")
     def execute(cls, adapter, quality, percentile, targets, mode, negative_scale) -> io.NodeOutput:
         node = ENCODE
         descriptor = adapter.descriptor
@@ -246,7 +249,8 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
         if problem:
             _fail(node, *problem)
         fallback = _slider_percentile(quality, percentile)
-        given = quality_module.parse_targets(targets) if targets.strip() else [{}]
+        limit = projection.max_rows_for(adapter.info, host_batch_cap())
+        given = quality_module.parse_targets(targets, limit) if targets.strip() else [{}]
         try:
             rows = quality_module.complete_rows(descriptor, given, fallback, mode)
             vectors = quality_module.build_quality_vector(descriptor, rows, mode)
@@ -254,8 +258,6 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
             tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
         except ValueError as error:
             _fail(node, "targets" if targets.strip() else "percentile", str(error))
-        if not (tokens.cond.isfinite().all() and tokens.uncond.isfinite().all()):  # e.g. zscore 1e30 overflows fp32
-            _fail(node, "targets", "these targets give non-finite quality tokens (values too large); use moderate values")
         warnings = [w for row in given for value in row.values()
                     if (w := quality_module.target_warning(value, mode))]
         summary = encode_summary(descriptor, rows, given, mode, fallback, list(dict.fromkeys(warnings)))
@@ -291,8 +293,10 @@ class IQAAdapterApply(io.ComfyNode):
         return presentation.check_schedule("IQAAdapterApply", start_at, end_at)
 
     @classmethod
+    @errors.node_errors("IQAAdapterApply", "tokens")
     def execute(cls, model, adapter, tokens, weight, start_at, end_at) -> io.NodeOutput:
-        return io.NodeOutput(adapter_patch.apply_iqa_adapter(model, adapter, tokens, weight, start_at, end_at))
+        return io.NodeOutput(adapter_patch.apply_iqa_adapter(model, adapter, tokens, weight, start_at, end_at,
+                                                             host_batch_cap()))
 
 
 def _resolve_inside(base: str, relative: str) -> pathlib.Path | None:
@@ -318,7 +322,9 @@ class IQAAdapterSaveTokens(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAAdapterSaveTokens", "filename_prefix")
     def execute(cls, tokens, filename_prefix) -> io.NodeOutput:
+        check_user_path(filename_prefix, "filename_prefix")
         output_dir = folder_paths.get_output_directory()
         try:
             full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
@@ -364,16 +370,20 @@ class IQAAdapterLoadTokens(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, file):
-        path = _token_path(file)
-        return _file_fingerprint(str(path)) if path else None
+        try:
+            path = _token_path(check_user_path(file, "file"))
+            return _file_fingerprint(str(path)) if path else None
+        except (ValueError, OSError):
+            return None  # execute reports it
 
     @classmethod
+    @errors.node_errors("IQAAdapterLoadTokens", "file")
     def execute(cls, file) -> io.NodeOutput:
-        path = _token_path(file)
+        path = _token_path(check_user_path(file, "file"))
         if path is None:
             _fail("IQAAdapterLoadTokens", "file", f"{presentation.quoted(file)} points outside the input/output folders")
         try:
-            tokens = projection.QualityTokens.load(path)
+            tokens = projection.QualityTokens.load(path, host_batch_cap())
         except ValueError as error:
             _fail("IQAAdapterLoadTokens", "file", str(error))
         return io.NodeOutput(tokens)

@@ -298,8 +298,17 @@ def _check_tokens(adapter, tokens) -> None:
                          f"with N={adapter.info.num_tokens} (tokens made by another adapter?)")
 
 
-def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0):
+# Keys/values are cast to the model's dtype while sampling: beyond fp16's range they become inf (black images).
+KV_VALUE_LIMIT = 6.0e4
+
+
+def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
+                      host_batch_cap: int = 4096):
     """A clone of `model` with the adapter's decoupled cross-attention on every attn2 layer."""
+    import math
+
+    from ..adapter import projection
+
     if not math.isfinite(weight):
         raise ValueError(f"{NODE}: weight: must be a finite number, got {weight}")
     if not (0.0 <= start_at <= 1.0 and 0.0 <= end_at <= 1.0):
@@ -307,6 +316,12 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
     if start_at > end_at:
         raise ValueError(f"{NODE}: start_at: must not be after end_at, got start_at={start_at} > end_at={end_at}")
     _check_tokens(adapter, tokens)
+    try:  # before any key/value is computed: the rows' memory follows from the adapter's architecture
+        projection.check_row_count(tokens.batch_size, projection.max_rows_for(adapter.info, host_batch_cap),
+                                   "token rows (targets)")
+        projection.check_token_values(tokens.cond, tokens.uncond)
+    except ValueError as error:
+        raise ValueError(f"{NODE}: tokens: {error}") from None
     keys = check_adapter_fits(model, adapter)
 
     patched = model.clone()
@@ -316,6 +331,12 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
 
     both = torch.cat([tokens.cond, tokens.uncond]).to(torch.float32)
     kv = adapter_attention.precompute_ip_kv(adapter, both)
+    for k_all, v_all in kv:
+        peak = max(float(k_all.abs().max()), float(v_all.abs().max()))
+        if not math.isfinite(peak) or peak > KV_VALUE_LIMIT:
+            raise ValueError(f"{NODE}: tokens: these quality tokens give attention keys/values of {peak:.3g} in this "
+                             f"adapter (limit {KV_VALUE_LIMIT:g}, beyond it half-precision sampling makes black "
+                             "images); use tokens from moderate targets")
     b = tokens.cond.shape[0]
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     label = getattr(adapter, "path", "")

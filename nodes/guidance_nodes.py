@@ -22,18 +22,19 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..adapter import guidance, iqa_models
+from ..adapter import errors, guidance, iqa_models
 from . import metric_nodes, presentation
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
+MIN_SCORED_SIZE = 32  # smallest longer side a decoded estimate is resized to before scoring
 logger = logging.getLogger(__name__)
 
 GUIDANCE_MODELS = "iqa_gradient_guidance"  # key of the guided model's additional models
 
 
 def _fail(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
+    return errors.NodeInputError(NODE, input_name, message)
 
 
 def _latent_format(model):
@@ -178,8 +179,9 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
         raise _fail("target", f"expected one of {', '.join(guidance.TARGETS)}, got {presentation.quoted(target)}")
     if normalization not in guidance.NORMALIZATIONS:
         raise _fail("normalization", f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {presentation.quoted(normalization)}")
-    if int(max_resolution) < 0:
-        raise _fail("max_resolution", f"expected 0 (no resize) or a positive size, got {max_resolution}")
+    if int(max_resolution) != 0 and int(max_resolution) < MIN_SCORED_SIZE:
+        raise _fail("max_resolution", f"expected 0 (no resize) or at least {MIN_SCORED_SIZE} pixels (IQA metrics "
+                                      f"need images of about that size), got {max_resolution}")
     if int(chunk_size) < 1:
         raise _fail("chunk_size", f"expected >= 1, got {chunk_size}")
     _check_metric(metric)
@@ -281,6 +283,7 @@ class IQAGradientGuidance(io.ComfyNode):
         return presentation.check_schedule(NODE, start_at, end_at)
 
     @classmethod
+    @errors.node_errors(NODE, "model")
     def execute(cls, model, vae, metric, scale, start_at, end_at, decoder, normalization, target,
                 max_resolution, chunk_size) -> io.NodeOutput:
         return io.NodeOutput(build_guided_model(

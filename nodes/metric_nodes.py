@@ -9,9 +9,7 @@ it when another model needs the memory.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import json
 import os
 
 import comfy.model_management
@@ -21,7 +19,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter import iqa_models, score_card
+from ..adapter import errors, files, iqa_models, score_card
+from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
 from . import presentation
 from .paths import METRIC_FOLDER
@@ -29,12 +28,11 @@ from .paths import METRIC_FOLDER
 MetricType = io.Custom("IQA_METRIC")
 ScoresType = io.Custom("IQA_SCORES")
 DEVICES = ["auto", "cpu"]
-METRIC_CACHE_SIZE = 4
+METRIC_CACHE_SIZE = iqa_models.METRIC_CACHE_SIZE
 SAVE_FORMATS = ["none", "csv", "json"]
 
 
-def _fail(node: str, input_name: str, message: str):
-    raise ValueError(presentation.invalid(node, input_name, message))
+_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
 
 
 def metric_folders() -> list[str]:
@@ -51,16 +49,12 @@ def _folder_fingerprint() -> tuple:
             for name in sorted(os.listdir(folder)):
                 path = os.path.join(folder, name)
                 if os.path.isfile(path):
-                    stat = os.stat(path)
-                    entries.append((path, stat.st_mtime_ns, stat.st_size))
+                    entries.append(file_signature(path))
     return tuple(entries)
 
 
 def load_metric_for_graph(name: str, device: str = "auto", differentiable: bool = False) -> iqa_models.LoadedMetric:
-    """Loader path shared by the nodes: cache-size cap, host memory freed before a GPU build."""
-    cached = iqa_models.cached_metric_names()
-    if len(cached) >= METRIC_CACHE_SIZE and name not in cached:
-        iqa_models.clear_metric_cache(cached[0])
+    """Loader path shared by the nodes: host memory freed before a GPU build (the cache caps itself)."""
     # 'auto' = where the host runs its models (follows --cpu, --cuda-device, MPS, XPU, DirectML)
     torch_device = comfy.model_management.get_torch_device() if device == "auto" else torch.device(device)
     if torch_device.type != "cpu":
@@ -134,6 +128,7 @@ class IQAMetricLoader(io.ComfyNode):
         return _folder_fingerprint()
 
     @classmethod
+    @errors.node_errors("IQAMetricLoader", "metric")
     def execute(cls, metric, device, differentiable) -> io.NodeOutput:
         node = "IQAMetricLoader"
         if device not in DEVICES:
@@ -158,6 +153,8 @@ def image_to_bchw(images: torch.Tensor, node: str, input_name: str) -> torch.Ten
     if not torch.is_tensor(images) or images.dim() != 4:
         _fail(node, input_name, f"expected an IMAGE batch (B, H, W, C), got "
                                 f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if images.shape[0] < 1:
+        _fail(node, input_name, "the image batch is empty (0 images)")
     channels = images.shape[-1]
     if channels == 4:
         images = images[..., :3]
@@ -215,25 +212,21 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
         try:
             values = iqa_models.score_in_chunks(metric, images_bchw, reference_bchw, chunk_size, progress,
                                                 score_size=score_size)
-        except (ValueError, AssertionError, RuntimeError) as error:
-            _fail(node, "images", f"metric '{metric.name}' could not score them: {error}")
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as error:  # noqa: BLE001 - pyiqa's own failures on odd images (sizes, degenerate content)
+            _fail(node, "images", f"metric '{metric.name}' could not score them: {errors.describe(error)}")
         result.add(metric, values.detach().float().cpu().tolist())
     return result
 
 
-def _append_rows(path: str, fmt: str, rows: list[dict]) -> None:
+def _append_rows(path: str, fmt: str, rows: list[dict]) -> str:
+    """Append to our own file only (same CSV header / JSON-lines keys); else a new `<name>_<n>` beside it.
+    Returns the path written."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if fmt == "csv":
-        new = not os.path.exists(path)
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-    else:  # JSON lines: one object per row, append-friendly
-        with open(path, "a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        return str(files.write_csv(path, list(rows[0]), rows, append=True))
+    return str(files.append_jsonl(path, rows))  # JSON lines: one object per row, NaN as null
 
 
 class IQAScore(io.ComfyNode):
@@ -274,6 +267,7 @@ class IQAScore(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQAScore", "images")
     def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, score_size="cc3m", metric_2=None,
                 metric_3=None, reference=None) -> io.NodeOutput:
         node = "IQAScore"
@@ -292,12 +286,17 @@ class IQAScore(io.ComfyNode):
         scores = score_images(metrics, images, reference, int(chunk_size), node, score_size)
         table = scores.table()
         if save_rows != "none":
+            files.check_user_path(filename_prefix, "filename_prefix")
             output_dir = os.path.abspath(folder_paths.get_output_directory())
             path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{'csv' if save_rows == 'csv' else 'jsonl'}"))
             if os.path.commonpath([path, output_dir]) != output_dir:
-                _fail(node, "filename_prefix", f"'{filename_prefix}' points outside the output folder")
+                _fail(node, "filename_prefix", f"{errors.quote(filename_prefix)} points outside the output folder")
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            _append_rows(path, save_rows, scores.rows(timestamp=stamp))
+            with errors.blame(node, "filename_prefix"):
+                written = _append_rows(path, save_rows, scores.rows(timestamp=stamp))
+            if written != path:
+                table += (f"\n(rows written to {os.path.relpath(written, output_dir)}: "
+                          f"{os.path.relpath(path, output_dir)} is not a file of this node's format)")
         first = scores.scores[metrics[0].name]
         mean = float(sum(first) / len(first)) if first else float("nan")
         markdown = score_card.markdown_table(scores.scores, scores.lower_better)

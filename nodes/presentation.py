@@ -10,6 +10,8 @@ import difflib
 
 from comfy_api.latest import io
 
+from ..adapter import errors
+
 ROOT = "IQA-Adapter"
 GENERATE, TOKENS, SCORE, SWEEP, GUIDANCE = (f"{ROOT}/{part}" for part in ("generate", "tokens", "score", "sweep",
                                                                           "guidance"))
@@ -27,6 +29,7 @@ DISPLAY_NAMES = {
     "IQATargetSweep": "Quality Target Sweep",
     "IQASweepReport": "Quality Sweep Report",
 }
+errors.NODE_NAMES.update(DISPLAY_NAMES)  # run-time errors name nodes as users see them
 SEARCH_ALIASES = ["quality", "iqa", "aesthetic", "image quality", "iqa-adapter", "ip-adapter quality"]
 _SCHEMA_FIELDS = {field.name for field in dataclasses.fields(io.Schema)}
 MAX_QUOTED = 60

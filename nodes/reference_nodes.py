@@ -8,17 +8,18 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..adapter import iqa_models
+from ..adapter import errors, iqa_models, projection
 from ..adapter import reference as reference_encoding
 from ..adapter.checkpoint import IQAAdapter
 from . import presentation
+from .limits import host_batch_cap
 from .metric_nodes import image_to_bchw
 
 NODE = "IQAAdapterEncodeReference"
 
 
 def _fail(input_name: str, message: str):
-    raise ValueError(presentation.invalid(NODE, input_name, message))
+    errors.fail(NODE, input_name, message)
 
 
 class IQAAdapterEncodeReference(io.ComfyNode):
@@ -41,6 +42,7 @@ class IQAAdapterEncodeReference(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors(NODE, "reference")
     def execute(cls, adapter, reference, metric, negative_reference=None) -> io.NodeOutput:
         if not isinstance(adapter, IQAAdapter):
             _fail("adapter", f"expected an IQA_ADAPTER from IQA-Adapter Loader, got {type(adapter).__name__}")
@@ -56,6 +58,11 @@ def encode(adapter, images, metric, negative=None):
         _fail("adapter" if "score-conditioned" in str(error) else "metric", str(error))
     bar = comfy.utils.ProgressBar(2 if negative is not None else 1)
     images_bchw = image_to_bchw(images, NODE, "reference")
+    try:  # one token row per reference image: bounded by the adapter's architecture and the host's batch cap
+        projection.check_row_count(images_bchw.shape[0], projection.max_rows_for(adapter.info, host_batch_cap()),
+                                   "reference images")
+    except ValueError as error:
+        _fail("reference", str(error))
     negative_bchw = image_to_bchw(negative, NODE, "negative_reference") if negative is not None else None
     comfy.model_management.throw_exception_if_processing_interrupted()
     try:

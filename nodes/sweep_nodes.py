@@ -18,9 +18,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import iqa_models, projection, quality, sweep
+from ..adapter import errors, files, iqa_models, projection, quality, sweep
 from . import graph, presentation
 from .adapter_nodes import batch_problem, known_metric_names
+from .limits import host_batch_cap
 IQAAdapterType = io.Custom("IQA_ADAPTER")
 QualityTokensType = io.Custom("QUALITY_TOKENS")
 TargetsType = io.Custom("IQA_TARGETS")
@@ -28,8 +29,7 @@ ScoresType = io.Custom("IQA_SCORES")
 MetricType = io.Custom("IQA_METRIC")
 
 
-def _fail(node: str, input_name: str, message: str):
-    raise ValueError(presentation.invalid(node, input_name, message))
+_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
 
 
 class IQATargetSweep(io.ComfyNode):
@@ -104,19 +104,38 @@ class IQATargetSweep(io.ComfyNode):
         return presentation.invalid(node, "steps", problem) if problem else True
 
     @classmethod
+    @errors.node_errors("IQATargetSweep", "from/to")
     def execute(cls, adapter, metrics, start, stop, steps, mode, spacing, hold, negative_scale) -> io.NodeOutput:
         node = "IQATargetSweep"
         descriptor = adapter.descriptor
         if descriptor.kind != "score":
             _fail(node, "adapter", "this is a reference-image adapter; a target sweep needs a score adapter")
+        if not math.isfinite(negative_scale):
+            _fail(node, "negative_scale", f"expected a finite number, got {negative_scale}")
+        limit = projection.max_rows_for(adapter.info, host_batch_cap())
+        if int(steps) > limit:
+            _fail(node, "steps", f"{int(steps)} steps, but at most {limit} token rows fit this adapter and the host's "
+                                 "latent batch (one row per image); use fewer steps")
         try:
-            sweep.resolve_metrics(descriptor.metrics, metrics)
+            swept = sweep.resolve_metrics(descriptor.metrics, metrics)
         except ValueError as error:
             _fail(node, "metrics", str(error))
-        try:
-            sweep.hold_value(descriptor.metrics[0], hold, mode)
-        except ValueError as error:
-            _fail(node, "hold", str(error))
+        # Each input checked on its own, so an error names the input that caused it.
+        for metric in descriptor.metrics:
+            if metric in swept:
+                continue
+            try:
+                held = sweep.hold_value(metric, hold, mode)
+                if held is not None:
+                    quality.metric_input_value(descriptor, metric, held, mode)
+            except ValueError as error:
+                _fail(node, "hold", str(error))
+        for label, value in (("from", start), ("to", stop)):
+            try:
+                for metric in swept:
+                    quality.metric_input_value(descriptor, metric, value, mode)
+            except ValueError as error:
+                _fail(node, label, str(error))
         try:
             targets = sweep.build_sweep(descriptor.metrics, metrics, start, stop, steps, mode, spacing, hold, descriptor)
         except ValueError as error:
@@ -195,6 +214,7 @@ class IQASweepReport(io.ComfyNode):
         )
 
     @classmethod
+    @errors.node_errors("IQASweepReport", "images")
     def execute(cls, images, targets, filename_prefix, scores=None, scores_2=None, metric=None) -> io.NodeOutput:
         node = "IQASweepReport"
         if not isinstance(targets, sweep.SweepTargets):
@@ -228,33 +248,36 @@ class IQASweepReport(io.ComfyNode):
             if len(values) != len(targets):
                 _fail(node, "scores", f"{name}: {len(values)} scores for {len(targets)} images")
 
-        output_dir = folder_paths.get_output_directory()
-        try:
-            full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-                filename_prefix, output_dir, images.shape[2], images.shape[1])
-        except Exception as error:  # the host raises for prefixes that leave the output folder
-            _fail(node, "filename_prefix", str(error))
-        os.makedirs(full_folder, exist_ok=True)
-        stem = f"{filename}_{counter:05}"
-        array = images.detach().float().cpu().clamp(0, 1).numpy()
-        image_names = []
-        for i in range(array.shape[0]):
-            name = f"{stem}_img{i:03}.png"
-            sweep.save_png((array[i] * 255.0 + 0.5).astype(np.uint8), os.path.join(full_folder, name))
-            image_names.append(name)
-        meta = cls.graph_facts()
-        report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions,
-                                    score_sizes=sizes)
+        with errors.blame(node, "filename_prefix"):  # writing the report: file names and folders
+            files.check_user_path(filename_prefix, "filename_prefix")
+            output_dir = folder_paths.get_output_directory()
+            try:
+                full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+                    filename_prefix, output_dir, images.shape[2], images.shape[1])
+            except Exception as error:  # the host raises for prefixes that leave the output folder
+                _fail(node, "filename_prefix", str(error))
+            os.makedirs(full_folder, exist_ok=True)
+            # The host's counter only counts image names: never reuse a stem any earlier report file has.
+            stem = files.free_stem(full_folder, f"{filename}_{counter:05}", sweep.REPORT_SUFFIXES + ("_img000.png",))
+            array = images.detach().float().cpu().clamp(0, 1).numpy()
+            image_names = []
+            for i in range(array.shape[0]):
+                name = f"{stem}_img{i:03}.png"
+                files.create_new(os.path.join(full_folder, name), sweep.png_bytes((array[i] * 255.0 + 0.5).astype(np.uint8)))
+                image_names.append(name)
+            meta = cls.graph_facts()
+            report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions,
+                                        score_sizes=sizes)
         text = sweep.summary_text(report["summary"])
         markdown = sweep.summary_markdown(report["summary"], meta)
         ui_images = [{"filename": report["paths"][k].name, "subfolder": subfolder, "type": "output"}
                      for k in ("grid", "chart")]
         grid = torch.from_numpy(report["grid"].astype(np.float32) / 255.0)[None]
         chart = torch.from_numpy(report["chart"].astype(np.float32) / 255.0)[None]
-        files = {k: os.path.join(subfolder, p.name) for k, p in report["paths"].items()}
+        written = {k: os.path.join(subfolder, p.name) for k, p in report["paths"].items()}
         rho = {m: (s["rho"] if math.isfinite(s["rho"]) else None) for m, s in report["summary"].items()}
         return io.NodeOutput(grid, chart, text, ui={"images": ui_images, **presentation.markdown(markdown),
-                                                   "report": [json.dumps({"files": files, "rho": rho})]})
+                                                   "report": [json.dumps({"files": written, "rho": rho})]})
 
     @classmethod
     def graph_facts(cls) -> dict:

@@ -322,7 +322,8 @@ def write_report(records: list[dict], out_dir: pathlib.Path, meta: dict, directi
     if scores:
         report = sweep.write_report(out_dir, "sweep", targets, scores, None, [r["image"] for r in records], meta,
                                     directions, grid=grid, groups=groups, per_image_meta=per_image,
-                                    score_sizes={m: meta.get("score_size", "") for m in scores})
+                                    score_sizes={m: meta.get("score_size", "") for m in scores},
+                                    replace=True)  # the report of this folder's (resumed) state
         print("[sweep] " + sweep.summary_text(report["summary"]).replace("\n", "\n[sweep] "))
     elif grid is not None:
         sweep.save_png(grid, out_dir / "sweep_grid.png")

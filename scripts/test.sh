@@ -52,7 +52,7 @@ run() {
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 5 ] && [ "$user_args" -gt 0 ]; then echo "[test] $label: your pytest arguments selected no tests here"; rc=0
   elif [ "$rc" = 5 ]; then echo "[test] $label: pytest collected no tests: that is a failure" >&2; rc=1; fi
-  summary+=("$label: $(grep -E '^=+ .*(passed|failed|error|skipped).* in ' "$log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//') (exit $rc, $(( $(date +%s) - start )) s wall)")
+  summary+=("$label: $(grep -E '^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* in ' "$log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//') (exit $rc, $(( $(date +%s) - start )) s wall)")
   rm -f "$log"
   [ "$rc" = 0 ] || final=1
 }

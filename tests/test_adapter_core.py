@@ -114,10 +114,10 @@ def test_cache_key_follows_the_sidecar_even_with_the_same_mtime_and_size(tmp_pat
     os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert side.stat().st_size == stat.st_size
     edited = checkpoint.adapter_cache_key(path)
-    assert edited != key and edited[:3] == key[:3]
+    assert edited != key and edited[:-1] == key[:-1]  # same weights signature, other descriptor
     side.unlink()
     deleted = checkpoint.adapter_cache_key(path)
-    assert deleted[3] is None and len({key, edited, deleted}) == 3
+    assert deleted[-1] is None and len({key, edited, deleted}) == 3
 
 
 # ---------------------------------------------------------------- validation errors
@@ -489,7 +489,7 @@ def test_quality_tokens_save_load(tmp_path):
         projection.QualityTokens.load(tmp_path / "linear.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\0\0\0\0\0\0\0garbage")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read|truncated|corrupt"):
         projection.QualityTokens.load(junk)
 
 
@@ -557,3 +557,42 @@ def test_misnamed_files_are_read_by_content(tmp_path):
     odd = tmp_path / "w.ckpt2"
     odd.write_bytes(b"x")
     expect_file_error(odd, "unknown extension")
+
+
+def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
+    """encode (targets, sweep, reference all go through encode_tokens), loaded tokens, empty rows."""
+    from comfyui_iqa_adapter.adapter import errors, files
+
+    state = synthetic.random_adapter_state_dict(cross_attention_dim=32, layer_widths=[16, 32], num_tokens=2,
+                                                input_dim=6, seed=3)
+    path = tmp_path / "ref.safetensors"
+    save_file(state, str(path))
+    reference = descriptor.descriptor_from_dict({"kind": "reference", "extractor": {"model": "m", "layers": ["x"], "dim": 6}})
+    adapter = checkpoint.load_adapter(path, reference)
+    ok = projection.encode_tokens(adapter, torch.ones(2, 6))
+    assert ok.batch_size == 2
+    for vectors in (torch.full((1, 6), 1e30), torch.full((1, 6), float("nan")), torch.full((1, 6), 1e7)):
+        with pytest.raises(errors.InputError):
+            projection.encode_tokens(adapter, vectors)
+    for cond in (torch.full((1, 2, 32), 1e30), torch.full((1, 2, 32), float("nan")), torch.zeros(0, 2, 32)):
+        with pytest.raises(ValueError):
+            projection.QualityTokens(cond, cond.clone())
+    # reports: NaN is null in JSON lines, formula-like text is neutralised, foreign CSVs are not appended to
+    out = files.append_jsonl(tmp_path / "s.jsonl", [{"score": float("nan"), "metric": "=x"}])
+    assert out.read_text().strip() == '{"score": null, "metric": "=x"}'
+    foreign = tmp_path / "s.csv"
+    foreign.write_text("a,b\n1,2\n")
+    written = files.write_csv(foreign, ["metric", "score"], [{"metric": "-1+2", "score": -1.5}], append=True)
+    assert foreign.read_text() == "a,b\n1,2\n" and written.name == "s_2.csv"
+    assert written.read_text().splitlines() == ["metric,score", "'-1+2,-1.5"]
+    # sweep reports: user text from the graph is neutralised, a second report never overwrites the first
+    from comfyui_iqa_adapter.adapter import sweep
+    import csv
+    targets = sweep.build_sweep(["topiq_nr"], "", 10.0, 90.0, 3)
+    hostile = {"prompt": '=HYPERLINK("http://example.invalid")', "model": "+cmd $\\frac{$", "adapter": "@SUM(1)"}
+    first = sweep.write_report(tmp_path, "r", targets, {"topiq_nr": [0.1, 0.5, 0.9]}, None, ["a", "b", "c"], hostile)
+    second = sweep.write_report(tmp_path, "r", targets, {"topiq_nr": [0.2, 0.5, 0.8]}, None, ["a", "b", "c"], hostile)
+    assert set(first["paths"].values()).isdisjoint(second["paths"].values())
+    rows = list(csv.DictReader(first["paths"]["csv"].open(newline="")))
+    assert all(row["prompt"] == "'" + hostile["prompt"] and row["model"] == "'" + hostile["model"]
+               and row["adapter"] == "'" + hostile["adapter"] for row in rows), rows[0]

@@ -276,7 +276,7 @@ def test_taesd_decoder_option(comfy, setup):
     name = latent_format.taesd_decoder_name
     present = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name + ".")]
     if not present:
-        with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'decoder'.*taesd_decoder"):
+        with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): decoder:.*taesd_decoder"):
             guided(setup, SCALE, decoder="taesd")
         folder = tempfile.mkdtemp(prefix="iqa-guidance-vae-approx-")
         with torch.random.fork_rng():
@@ -295,18 +295,18 @@ def test_taesd_decoder_option(comfy, setup):
 def test_clear_errors(setup):
     nodes = setup["nodes"]
     model, vae, metric = setup["model"], setup["vae"], setup["metric"]
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'scale'.*finite"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): scale:.*finite"):
         nodes.build_guided_model(model, vae, metric, float("nan"), 0.0, 1.0)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'start_at'"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): start_at:"):
         nodes.build_guided_model(model, vae, metric, 1.0, 0.9, 0.1)
     import dataclasses
     frozen = dataclasses.replace(metric, differentiable=False)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'metric'.*differentiable"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): metric:.*differentiable"):
         nodes.build_guided_model(model, vae, frozen, 1.0, 0.0, 1.0)
     wide_vae = random_kl_vae(z_channels=16, ch=32, ch_mult=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'vae'.*16 latent channels.*4"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): vae:.*16 latent channels.*4"):
         nodes.build_guided_model(model, wide_vae, metric, 1.0, 0.0, 1.0)
-    with pytest.raises(ValueError, match="IQAGradientGuidance: input 'target'"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): target:"):
         nodes.build_guided_model(model, vae, metric, 1.0, 0.0, 1.0, target="up")
 
 

@@ -41,3 +41,36 @@ def test_scoring_hands_the_metric_to_the_model_manager(comfy, metric_nodes, tmp_
     direct = metric.score(images.permute(0, 3, 1, 2)).tolist()
     assert first == pytest.approx(direct, abs=1e-6)
     iqa_models.clear_metric_cache()
+
+
+def test_metric_cache_cap_counts_gradient_variants(tmp_path, monkeypatch):
+    """The same metrics with and without gradients are separate entries; the cap holds over all of them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    iqa_models.clear_metric_cache()
+    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
+    for name in ("cnniqa", "piqe", "psnr"):
+        for differentiable in (False, True):
+            iqa_models.load_metric(name, [str(tmp_path)], device="cpu", differentiable=differentiable)
+            assert len(iqa_models._CACHE) <= iqa_models.METRIC_CACHE_SIZE, list(iqa_models._CACHE)
+    assert len(iqa_models._CACHE) == iqa_models.METRIC_CACHE_SIZE
+    iqa_models.clear_metric_cache()
+
+
+def test_replaced_metric_weights_with_preserved_mtime_are_read_again(tmp_path, monkeypatch):
+    """`cp -p` / `rsync -t` keep size and mtime: the cache must still notice other weights."""
+    import os
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    iqa_models.clear_metric_cache()
+    (path,) = iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
+    first = iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu")
+    assert iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu") is first
+    stat = os.stat(path)
+    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=8, noise=0.05)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    second = iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu")
+    assert second is not first, "other weights with the same size and mtime were served from the cache"
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(first.score(images), second.score(images))
+    iqa_models.clear_metric_cache()

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_iqa_adapter.adapter import checkpoint, synthetic
+from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
 
 from conftest import TINY_ADAPTER, TINY_CHECKPOINT, ComfyServer, PromptRejected, api_prompt_txt2img, \
     comfy_server_module
@@ -566,7 +566,7 @@ def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
             failures.append(f"{kind}: {detail}")
     for (kind, node, needles, prompt), error in rejected:
         # mistakes the graph shows (ranges, start > end, rows vs a literal batch size) are refused at queue time
-        if node is not None and kind in QUEUE_TIME_KINDS and node in json.dumps(error.body.get("node_errors", {})):
+        if node is not None and kind.removeprefix("bad:") in QUEUE_TIME_KINDS and node in json.dumps(error.body.get("node_errors", {})):
             survived += 1
             continue
         lost += 1
@@ -699,3 +699,213 @@ def test_interrupt_guidance_sampling(server):
         "decoder": "vae", "normalization": "none", "target": "raise", "max_resolution": 0, "chunk_size": 4}}
     prompt["5"]["inputs"]["model"] = ["40", 0]
     _interrupt_long_run(server, prompt, steps, "adapter + gradient guidance, 200 steps")
+
+
+# ---------------------------------------------------------------- hardening (issue 14): one test per class
+
+def _write_tokens_file(folder: pathlib.Path, label: str, rows: int, fill: float = 0.5, num_tokens: int = 2,
+                       width: int = 768) -> str:
+    """A tokens file in the Save Tokens format, written directly (QualityTokens refuses such values itself)."""
+    name = f"reltest_{RUN_ID}_{label}.safetensors"
+    cond = torch.full((rows, num_tokens, width), fill, dtype=torch.float32)
+    metadata = {"format": "iqa_adapter_quality_tokens", "version": "1", "num_tokens": str(num_tokens),
+                "cross_attention_dim": str(width), "labels": "[]"}
+    save_file({"cond": cond, "uncond": cond.clone()}, str(folder / name), metadata=metadata)
+    return name
+
+
+def load_tokens_graph(file: str, apply: bool = False) -> dict:
+    """LoadTokens -> SaveTokens, or (apply) -> IQAAdapterApply on the tiny model and one sampler step."""
+    if apply:
+        prompt = adapter_graph(seed=5, steps=1)
+        prompt["11"] = {"class_type": "IQAAdapterLoadTokens", "inputs": {"file": file}}
+        return prompt
+    return {"11": {"class_type": "IQAAdapterLoadTokens", "inputs": {"file": file}},
+            "13": {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["11", 0],
+                                                                    "filename_prefix": unique_prefix("tokens")}}}
+
+
+def sweep_tokens_graph(hold: str = "", mode: str = "zscore", start: float = -1.0, stop: float = 1.0,
+                       steps: int = 3, metrics: str = "topiq_nr") -> dict:
+    return {
+        "10": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": TINY_ADAPTER}},
+        "14": {"class_type": "IQATargetSweep", "inputs": {
+            "adapter": ["10", 0], "metrics": metrics, "start": start, "stop": stop, "steps": steps, "mode": mode,
+            "spacing": "linear", "hold": hold, "negative_scale": 0.0}},
+        "13": {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["14", 0],
+                                                                "filename_prefix": unique_prefix("sweep_tokens")}},
+    }
+
+
+def test_class1_memory_is_bounded_for_small_inputs(server, scratch, tiny_adapter):
+    """Thousands of target rows, a token file of thousands of rows, a 2 KB torch file of zero-stride views
+    claiming gigabytes: each is refused before anything is materialised, and the server's RSS stays put."""
+    pid = server.process.pid
+    # the checkpoint, the adapter and the pack are loaded first: a normal prompt
+    warm = server.run(adapter_graph(seed=4, steps=1, prefix=unique_prefix("warm")), timeout=600)
+    assert warm.ok, warm.error_message()
+    before = _rss_kib(pid)
+    text = "\n".join(f"topiq_nr={5 + i % 90}, laion_aes=50" for i in range(8000))  # ~230 KB of text
+    expect_exec_error(server, tokens_graph(TINY_ADAPTER, targets=text), "IQAAdapterEncodeTarget", "targets",
+                      "8000 target rows", "at most")
+    many = _write_tokens_file(server.input_dir, "rows5000", 5000)
+    expect_exec_error(server, load_tokens_graph(many), "IQAAdapterLoadTokens", "file", "5000 token rows", "at most")
+    limit = projection.max_rows_for(tiny_adapter.info)
+    over = _write_tokens_file(server.input_dir, "rows_over_arch", limit + 1)
+    expect_exec_error(server, load_tokens_graph(over, apply=True), "IQAAdapterApply", "tokens",
+                      f"at most {limit}")
+    # every tensor a zero-stride view of one stored float; one of them claims 10 GB
+    state = synthetic.nested_bin_layout({key: torch.zeros(1).expand(*value.shape)
+                                         for key, value in tiny_state(tiny_adapter).items()})
+    state["ip_adapter"]["1.to_k_ip.weight"] = torch.zeros(1).expand(50_000, 50_000)
+    path = scratch.folder / scratch.name("zero_stride", ".bin")
+    torch.save(state, path)
+    assert path.stat().st_size < 64 * 1024, path.stat().st_size
+    scratch._track(path, with_sidecar=True)
+    expect_exec_error(server, tokens_graph(path.name), "IQAAdapterLoader", "adapter_name", "expanded view",
+                      "refused before allocating")
+    after = _rss_kib(pid)
+    print(f"\n[hardening memory] server RSS before the memory cases {before / 1024:.1f} MiB, after "
+          f"{after / 1024:.1f} MiB ({(after - before) / 1024:+.1f} MiB; 8000 target rows, a 5000-row token file, "
+          f"{limit + 1} token rows for the tiny adapter's limit {limit}, a zero-stride .bin claiming 10 GB)")
+    assert after - before < 150 * 1024, f"the server grew {(after - before) / 1024:.0f} MiB on refused inputs"
+
+
+def test_class2_no_silent_black_images(server):
+    """Huge-but-finite values are refused on every token path, naming the input that carries them."""
+    expect_exec_error(server, sweep_tokens_graph(hold="1e30"), "IQATargetSweep", "hold")
+    expect_exec_error(server, sweep_tokens_graph(hold="1e15"), "IQATargetSweep", "hold")
+    message = expect_exec_error(server, sweep_tokens_graph(mode="raw", start=1.0, stop=999.0), "IQATargetSweep")
+    assert ": from: " in message or ": to: " in message, message
+    for label, fill in (("huge", 1e30), ("nan", float("nan")), ("big", 5e4)):
+        name = _write_tokens_file(server.input_dir, f"tokens_{label}", 2, fill=fill)
+        expect_exec_error(server, load_tokens_graph(name), "IQAAdapterLoadTokens", "file", "quality tokens")
+    # and the encode node, as before
+    expect_refused(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=1e30, laion_aes=0", mode="zscore"),
+                   "IQAAdapterEncodeTarget", "targets")
+
+
+def _report_graph(prefix: str, seed: int = 1) -> dict:
+    graph = sweep_tokens_graph(mode="percentile", start=10.0, stop=90.0, steps=3)
+    del graph["13"]
+    graph["30"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": ["14", 2],
+                                                          "color": 0x336699}}
+    graph["20"] = {"class_type": "IQAMetricLoader", "inputs": {"metric": SCORE_METRIC, "device": "cpu",
+                                                               "differentiable": False}}
+    graph["40"] = {"class_type": "IQASweepReport", "inputs": {
+        "images": ["30", 0], "targets": ["14", 1], "metric": ["20", 0], "filename_prefix": prefix}}
+    graph["30"]["inputs"]["color"] = 0x336699 + seed  # a different prompt each time (the host caches identical ones)
+    return graph
+
+
+def test_class3_files_never_overwritten_and_safe_to_open(server):
+    prefix = unique_prefix("report")
+    runs = []
+    for seed in (1, 2):
+        result = server.run(_report_graph(prefix, seed=seed), timeout=600)
+        assert result.ok, result.error_message()
+        report = json.loads(result.outputs["40"]["report"][0])
+        runs.append({kind: server.output_dir / rel for kind, rel in report["files"].items()})
+        if seed == 1:
+            first_csv = runs[0]["csv"].read_bytes()
+            # the host's counter only counts image names: without the images it starts at 1 again
+            for image in runs[0]["csv"].parent.glob(runs[0]["csv"].stem + "_img*.png"):
+                image.unlink()
+    assert set(runs[0].values()).isdisjoint(runs[1].values()), f"the second report reused a file: {runs}"
+    assert runs[0]["csv"].read_bytes() == first_csv and runs[0]["json"].exists()
+    # scoring never appends to a CSV it did not write
+    foreign_prefix = unique_prefix("foreign")
+    foreign = server.output_dir / f"{foreign_prefix}.csv"
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.write_text("name,amount\nalice,3\n")
+    prompt = score_graph(_empty_image(64, 64), ["30", 0])
+    prompt["21"]["inputs"].update(save_rows="csv", filename_prefix=foreign_prefix)
+    for color in (0x336699, 0x996633):  # two different prompts (the host would reuse a cached identical one)
+        prompt["30"]["inputs"]["color"] = color
+        result = server.run(prompt, timeout=300)
+        assert result.ok, result.error_message()
+    assert foreign.read_text() == "name,amount\nalice,3\n", "scores were appended to a foreign CSV"
+    ours = foreign.with_name(foreign.stem + "_2.csv")
+    lines = ours.read_text().splitlines()
+    assert lines[0].startswith("timestamp,") or "metric" in lines[0], lines[:2]
+    assert len(lines) == 3, f"two runs should append two rows under one header: {lines}"
+    healthy(server)
+
+
+def test_class4_every_error_names_node_and_input(server, scratch, tiny_adapter):
+    # the right input is blamed
+    prompt = tokens_graph(TINY_ADAPTER)
+    prompt["11"]["inputs"]["negative_scale"] = float("nan")
+    expect_refused(server, prompt, "IQAAdapterEncodeTarget", "negative_scale")
+    message = expect_exec_error(server, sweep_tokens_graph(hold="not a number"), "IQATargetSweep", "hold")
+    assert ": hold: " in message, message
+    if "IQAGradientGuidance" in server.object_info():
+        guided = adapter_graph(seed=3, steps=1)
+        add_score(guided, ["6", 0], differentiable=True)
+        guided["40"] = {"class_type": "IQAGradientGuidance", "inputs": {
+            "model": ["12", 0], "vae": ["1", 2], "metric": ["20", 0], "scale": 1.0, "start_at": 0.0, "end_at": 1.0,
+            "decoder": "vae", "normalization": "none", "target": "raise", "max_resolution": 8, "chunk_size": 4}}
+        guided["5"]["inputs"]["model"] = ["40", 0]
+        expect_refused(server, guided, "IQAGradientGuidance", "max_resolution")
+    # paths: NUL bytes, over-long names
+    save = tokens_graph(TINY_ADAPTER)
+    save["13"]["inputs"]["filename_prefix"] = "bad\x00name"
+    expect_exec_error(server, save, "IQAAdapterSaveTokens", "filename_prefix", "NUL")
+    save["13"]["inputs"]["filename_prefix"] = "reltest/" + "n" * 300
+    expect_exec_error(server, save, "IQAAdapterSaveTokens", "filename_prefix", "longer than")
+    expect_refused(server, load_tokens_graph("x\x00y.safetensors"), "IQAAdapterLoadTokens", "file")
+    # unbounded user input is quoted shortened
+    message = expect_refused(server, tokens_graph("a" * 1_000_000), "IQAAdapterLoader", "adapter_name")
+    assert len(message) < 4000, f"a 1 MB name gave a {len(message)}-character message"
+    message = expect_refused(server, tokens_graph(TINY_ADAPTER, targets="topiq_nr=" + "9x" * 500_000),
+                             "IQAAdapterEncodeTarget", "targets")
+    assert len(message) < 4000, f"a 1 MB target gave a {len(message)}-character message"
+    # hostile files: deep JSON, numbers too large, sparse and meta tensors
+    deep_sidecar = scratch.write_state_dict("deep_sidecar", tiny_state(tiny_adapter), sidecar=False)
+    (scratch.folder / deep_sidecar).with_suffix(".json").write_text("[" * 200_000 + "]" * 200_000)
+    scratch.created.append((scratch.folder / deep_sidecar).with_suffix(".json"))
+    expect_exec_error(server, tokens_graph(deep_sidecar), "IQAAdapterLoader", "adapter_name", "nested too deeply")
+    huge_std = scratch.write_state_dict("huge_std", tiny_state(tiny_adapter), sidecar=False)
+    (scratch.folder / huge_std).with_suffix(".json").write_text(
+        '{"metrics": ["topiq_nr", "laion_aes"], "metric_stats": {"topiq_nr": {"mean": 1, "std": 1' + "0" * 400 + '}}}')
+    scratch.created.append((scratch.folder / huge_std).with_suffix(".json"))
+    expect_exec_error(server, tokens_graph(huge_std), "IQAAdapterLoader", "adapter_name", "finite")
+    name = scratch.write_bytes("deep_header", _safetensors_bytes_raw(b"[" * 100_000 + b"]" * 100_000, b""))
+    expect_exec_error(server, tokens_graph(name), "IQAAdapterLoader", "adapter_name", "nested too deeply")
+    name = scratch.write_bytes("inf_dim", _safetensors_bytes_raw(
+        b'{"image_proj.proj.weight": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}', b"\0" * 8))
+    expect_exec_error(server, tokens_graph(name), "IQAAdapterLoader", "adapter_name", "corrupt")
+    for label, tensor, needle in (("sparse", torch.sparse_coo_tensor([[0]], [1.0], (4,)), "sparse"),
+                                  ("meta", torch.empty(4, device="meta"), "meta")):
+        state = synthetic.nested_bin_layout(tiny_state(tiny_adapter))
+        state["image_proj"]["norm.bias"] = tensor
+        path = scratch.folder / scratch.name(label, ".bin")
+        torch.save(state, path)
+        scratch._track(path, with_sidecar=True)
+        expect_exec_error(server, tokens_graph(path.name), "IQAAdapterLoader", "adapter_name", needle)
+
+
+def _safetensors_bytes_raw(header: bytes, data: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def test_class5_replaced_file_with_preserved_mtime_is_read_again(server, scratch, tiny_adapter):
+    """`cp -p` / `rsync -t`: other weights, same size, same mtime; the adapter must be read again."""
+    import os
+    name = scratch.write_state_dict("preserved_mtime", tiny_state(tiny_adapter, seed=11))
+    path = scratch.folder / name
+    first = server.run(adapter_graph(name, seed=556, steps=1, weight=2.0, prefix=unique_prefix("mtime")), timeout=600)
+    assert first.ok, first.error_message()
+    stat = path.stat()
+    save_file(tiny_state(tiny_adapter, seed=12), str(path))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    second = server.run(adapter_graph(name, seed=556, steps=1, weight=2.0, prefix=unique_prefix("mtime")), timeout=600)
+    assert second.ok, second.error_message()
+    assert not np.array_equal(image_array(server, first), image_array(server, second)), \
+        "other weights with the same size and mtime gave the same image: stale cache"
+
+
+def test_class6_empty_token_file_is_refused_at_load(server):
+    name = _write_tokens_file(server.input_dir, "zero_rows", 0)
+    expect_exec_error(server, load_tokens_graph(name), "IQAAdapterLoadTokens", "file", "no token rows")
