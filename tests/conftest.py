@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import socket
 import sys
 import tempfile
+import urllib.request
 
 import pytest
 
@@ -150,3 +152,22 @@ def api_prompt_target_sweep(steps=2, size=64):
 @pytest.fixture
 def txt2img():
     return api_prompt_txt2img
+
+
+@pytest.fixture
+def network_attempts(monkeypatch):
+    """Every socket connect / DNS lookup / urlopen is recorded and refused: offline paths must not wait
+    on the network (asserted instead of a wall-clock bound, which a loaded machine breaks)."""
+    attempts = []
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            attempts.append((what, args[1:2] if what == "connect" else args[:1]))
+            raise OSError(f"test: network access attempted ({what})")
+        return refused
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse("urlopen"))
+    return attempts
