@@ -479,9 +479,9 @@ def test_every_image_taesd_the_host_ships_loads_and_video_formats_are_refused(co
         assert image.shape[1] == 3 and image.shape[-1] > 4, (type(latent_format).__name__, tuple(image.shape))
     print(f"\nimage TAESDs: {sorted({type(f).__name__ + ':' + str(f.latent_channels) for f in image_formats})}")
     for latent_format in video_formats:
-        with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'model'.*video format"):
+        with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): model: .*video format"):
             nodes._check_image_latents(latent_format)
     # A decoder file for another latent size is refused by name, not loaded into the wrong network.
     sd15 = next(f for f in image_formats if f.latent_channels == 4)
-    with pytest.raises(ValueError, match=r"IQAGradientGuidance: input 'decoder'.*takes 16 latent channels.*has 4"):
+    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): decoder: .*takes 16 latent channels.*has 4"):
         nodes._taesd_latent_channels({"1.weight": torch.zeros(64, 16, 3, 3)}, sd15)

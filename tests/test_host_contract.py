@@ -278,7 +278,8 @@ def test_every_host_call_in_the_pack_is_pinned(comfy):
     import comfy.patcher_extension
 
     assert comfy.patcher_extension.CallbacksMP.ON_CLONE  # read, not called
-    attributes = {"models_dir", "folder_names_and_paths", "CallbacksMP"}  # read, not called
+    # read, not called (InterruptProcessingException is only caught)
+    attributes = {"models_dir", "folder_names_and_paths", "CallbacksMP", "InterruptProcessingException"}
     modules = {"model_management", "model_patcher", "utils", "taesd", "ldm", "modules", "attention",
                "patcher_extension", "sd"}
     calls = set()

@@ -38,7 +38,8 @@ def test_scoring_hands_the_metric_to_the_model_manager(comfy, metric_nodes, tmp_
     assert not any(net is metric.net for net in _managed_nets(comfy)), "the manager could not unload the metric"
     again = metric_nodes.score_images([metric], images, None, chunk_size=3).scores["cnniqa"]
     assert again == pytest.approx(first, abs=1e-6), "scores changed after the manager unloaded and reloaded it"
-    direct = metric.score(images.permute(0, 3, 1, 2)).tolist()
+    # the node scores as the CC3M statistics were made (512x512 squash) by default
+    direct = metric.score(iqa_models.resize_for_scoring(images.permute(0, 3, 1, 2), "cc3m")).tolist()
     assert first == pytest.approx(direct, abs=1e-6)
     iqa_models.clear_metric_cache()
 
