@@ -1,7 +1,7 @@
 """IQA-Adapter nodes: load an adapter, encode quality targets into tokens, apply them to a model, save/load tokens.
 
 Thin glue: reading/validating files is adapter/checkpoint.py, targets -> vectors adapter/quality.py,
-tokens adapter/projection.py, the attention patch nodes/adapter_patch.py.
+tokens adapter/iqa_adapter.py, the attention patch nodes/adapter_patch.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import checkpoint, errors, projection, quality
+from ..adapter import checkpoint, errors, iqa_adapter, projection, quality
 from ..adapter.files import check_user_path, file_signature
 from ..adapter import quality as quality_module  # 'quality' is also the encode node's input name
 from ..models import metrics as metric_catalog
@@ -28,7 +28,7 @@ TOKENS_EXTENSION = ".safetensors"
 
 # Loaded adapters by weights file and descriptor (checkpoint.adapter_cache_key): a replaced weights file or an
 # edited, broken or deleted sidecar JSON is read again.
-_ADAPTER_CACHE: dict[tuple, checkpoint.IQAAdapter] = {}
+_ADAPTER_CACHE: dict[tuple, iqa_adapter.IQAAdapter] = {}
 _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
@@ -36,13 +36,13 @@ _ADAPTER_CACHE_SIZE = 4
 _fail = errors.fail  # raises `Display Name: input: message` (errors.NodeInputError, a ValueError)
 
 
-def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
+def load_adapter_cached(path: str) -> iqa_adapter.IQAAdapter:
     key = checkpoint.adapter_cache_key(path)
     with _ADAPTER_CACHE_LOCK:
         cached = _ADAPTER_CACHE.get(key)
     if cached is not None:
         return cached
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     with _ADAPTER_CACHE_LOCK:
         for stale in [k for k in _ADAPTER_CACHE if k[0] == key[0]]:
             del _ADAPTER_CACHE[stale]
@@ -255,7 +255,7 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
             rows = quality_module.complete_rows(descriptor, given, fallback, mode)
             vectors = quality_module.build_quality_vector(descriptor, rows, mode)
             labels = [quality_module.describe_target(descriptor, row, mode) for row in rows]
-            tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
+            tokens = iqa_adapter.encode_tokens(adapter, vectors, float(negative_scale), labels)
         except ValueError as error:
             _fail(node, "targets" if targets.strip() else "percentile", str(error))
         warnings = [w for row in given for value in row.values()

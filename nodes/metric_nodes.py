@@ -19,7 +19,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter import errors, files, iqa_models, score_card
+from ..adapter import errors, files, iqa_models, metric_files, score_card
 from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
 from . import presentation
@@ -135,9 +135,9 @@ class IQAMetricLoader(io.ComfyNode):
             _fail(node, "device", f"expected one of {', '.join(DEVICES)}, got {presentation.quoted(device)}")
         try:
             loaded = load_metric_for_graph(metric, device, bool(differentiable))
-        except iqa_models.MissingMetricWeightsError as error:
+        except metric_files.MissingMetricWeightsError as error:
             _fail(node, "metric", str(error))
-        except (iqa_models.UnsafeWeightsError, ValueError) as error:
+        except (metric_files.UnsafeWeightsError, ValueError) as error:
             _fail(node, "metric", f"'{metric}': {error}")
         except ImportError as error:
             _fail(node, "metric", f"'{metric}' needs a Python module that is not installed ({error}); CLIP-based "

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..adapter import errors, iqa_models, projection
 from ..adapter import reference as reference_encoding
-from ..adapter.checkpoint import IQAAdapter
+from ..adapter.iqa_adapter import IQAAdapter
 from . import presentation
 from .limits import host_batch_cap
 from .metric_nodes import image_to_bchw

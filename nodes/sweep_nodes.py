@@ -18,7 +18,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import errors, files, iqa_models, projection, quality, sweep
+from ..adapter import errors, files, iqa_adapter, iqa_models, projection, quality, sweep
 from . import graph, presentation
 from .adapter_nodes import batch_problem, known_metric_names
 from .limits import host_batch_cap
@@ -143,7 +143,7 @@ class IQATargetSweep(io.ComfyNode):
         try:
             vectors = quality.build_quality_vector(descriptor, targets.rows, mode)
             labels = [quality.describe_target(descriptor, row, mode) for row in targets.rows]
-            tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
+            tokens = iqa_adapter.encode_tokens(adapter, vectors, float(negative_scale), labels)
         except ValueError as error:
             _fail(node, "hold" if "hold" in str(error) else "from/to", str(error))
         return io.NodeOutput(tokens, targets, len(targets), sweep.targets_text(targets.rows))

@@ -87,7 +87,7 @@ def cross_attention_widths(unet) -> list[int]:
 def build_checkpoint(comfy_dir: pathlib.Path):
     import torch
 
-    from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
+    from comfyui_iqa_adapter.scripts.random_weights import alive_state_dict
 
     comfy, openaimodel = import_host(comfy_dir)
     gen = torch.Generator().manual_seed(SEED)
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     from _pack import load_pack
 
     load_pack()
-    from comfyui_iqa_adapter.adapter.synthetic import random_adapter_state_dict
+    from comfyui_iqa_adapter.scripts.random_weights import random_adapter_state_dict
 
     start = time.perf_counter()
     sd, widths = build_checkpoint(comfy_dir)

@@ -11,7 +11,6 @@ file; metrics that cannot be built offline at all are left out (the loader says 
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 import _pack
@@ -20,15 +19,14 @@ OUT = _pack.PACK_ROOT / "models" / "metric_weights.json"
 
 
 def main() -> int:
-    pack = _pack.load_pack()
-    from importlib import import_module
-    iqa_models = import_module(f"{pack.__name__}.adapter.iqa_models")
-    metrics = import_module(f"{pack.__name__}.models.metrics")
+    _pack.load_pack()
+    from comfyui_iqa_adapter.adapter import iqa_models, metric_files
+    from comfyui_iqa_adapter.models import metrics
     catalog: dict[str, list[str]] = {}
     for name in metrics.offered_metric_names():
         try:
             catalog[name] = iqa_models.expected_weight_files(name, [])
-        except iqa_models.MissingMetricWeightsError as error:
+        except metric_files.MissingMetricWeightsError as error:
             catalog[name] = [error.file_name]
         except Exception as error:  # noqa: BLE001 - report and skip what pyiqa cannot build offline
             print(f"skip {name}: {type(error).__name__}: {str(error)[:120]}", file=sys.stderr)

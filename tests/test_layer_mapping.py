@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _pack import load_pack  # noqa: E402
 
 load_pack()
-from comfyui_iqa_adapter.adapter import layers, synthetic  # noqa: E402
+from comfyui_iqa_adapter.adapter import layers  # noqa: E402
 
 HOST = ROOT / ".host" / "ComfyUI"
 
@@ -88,8 +88,8 @@ def host_order(comfy, unet):
 
 
 @pytest.mark.parametrize("config, expected_widths, context_dim", [
-    (SD15_CONFIG, synthetic.SD15_LAYER_WIDTHS, 768),
-    (SDXL_CONFIG, synthetic.SDXL_LAYER_WIDTHS, 2048),
+    (SD15_CONFIG, layers.SD15_LAYER_WIDTHS, 768),
+    (SDXL_CONFIG, layers.SDXL_LAYER_WIDTHS, 2048),
 ], ids=["sd15", "sdxl"])
 def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, context_dim):
     unet = diffusers_unet(config)
@@ -112,4 +112,4 @@ def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, c
 def test_sd15_adapter_refused_on_sdxl_layout(host):
     _, sdxl_widths, sdxl_config = host_order(host, diffusers_unet(SDXL_CONFIG))
     with pytest.raises(ValueError, match=r"16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
-        layers.check_layers_match(synthetic.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])
+        layers.check_layers_match(layers.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])

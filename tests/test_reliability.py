@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
+from comfyui_iqa_adapter.adapter import iqa_adapter, projection
+from comfyui_iqa_adapter.scripts import random_weights
 
 from conftest import TINY_ADAPTER, TINY_CHECKPOINT, ComfyServer, PromptRejected, api_prompt_txt2img, \
     comfy_server_module
@@ -54,7 +55,7 @@ def adapter_dir(server) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def tiny_adapter(adapter_dir):
     """The tiny adapter as read by the pack (its layer widths define what 'matching' files look like)."""
-    return checkpoint.load_adapter(adapter_dir / TINY_ADAPTER)
+    return iqa_adapter.load_adapter(adapter_dir / TINY_ADAPTER)
 
 
 class ScratchAdapters:
@@ -119,7 +120,7 @@ def tiny_state(tiny_adapter, seed: int = 0, widths: list[int] | None = None, **o
     if info.mlp_hidden_dim:
         kwargs["mlp_hidden_dim"] = info.mlp_hidden_dim
     kwargs.update(overrides)
-    return synthetic.random_adapter_state_dict(**kwargs)
+    return random_weights.random_adapter_state_dict(**kwargs)
 
 
 def unique_prefix(label: str) -> str:
@@ -313,7 +314,7 @@ def test_fewer_or_more_layers_than_the_model(server, scratch, tiny_adapter):
 
 def test_pickle_bin_is_never_executed(server, scratch, tiny_adapter, tmp_path):
     marker = tmp_path / "pickle_ran_code.txt"
-    payload = synthetic.nested_bin_layout(tiny_state(tiny_adapter))
+    payload = random_weights.nested_bin_layout(tiny_state(tiny_adapter))
     payload["image_proj"]["evil"] = _OpenOnUnpickle(str(marker))
     bin_path = tmp_path / "evil.bin"
     torch.save(payload, bin_path)
@@ -755,7 +756,7 @@ def test_class1_memory_is_bounded_for_small_inputs(server, scratch, tiny_adapter
     expect_exec_error(server, load_tokens_graph(over, apply=True), "IQAAdapterApply", "tokens",
                       f"at most {limit}")
     # every tensor a zero-stride view of one stored float; one of them claims 10 GB
-    state = synthetic.nested_bin_layout({key: torch.zeros(1).expand(*value.shape)
+    state = random_weights.nested_bin_layout({key: torch.zeros(1).expand(*value.shape)
                                          for key, value in tiny_state(tiny_adapter).items()})
     state["ip_adapter"]["1.to_k_ip.weight"] = torch.zeros(1).expand(50_000, 50_000)
     path = scratch.folder / scratch.name("zero_stride", ".bin")
@@ -877,7 +878,7 @@ def test_class4_every_error_names_node_and_input(server, scratch, tiny_adapter):
     expect_exec_error(server, tokens_graph(name), "IQAAdapterLoader", "adapter_name", "corrupt")
     for label, tensor, needle in (("sparse", torch.sparse_coo_tensor([[0]], [1.0], (4,)), "sparse"),
                                   ("meta", torch.empty(4, device="meta"), "meta")):
-        state = synthetic.nested_bin_layout(tiny_state(tiny_adapter))
+        state = random_weights.nested_bin_layout(tiny_state(tiny_adapter))
         state["image_proj"]["norm.bias"] = tensor
         path = scratch.folder / scratch.name(label, ".bin")
         torch.save(state, path)
