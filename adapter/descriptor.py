@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..models import adapters as catalog
 from ..models import stats as cc3m
@@ -60,12 +60,6 @@ class Descriptor:
             return float(custom["mean"]), float(custom["std"])
         stats = cc3m.get_stats(metric)
         return stats.mean, stats.std
-
-    def to_json_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("source")
-        data["metrics"] = list(self.metrics)
-        return data
 
     def label(self) -> str:
         if self.kind == "reference":

@@ -12,7 +12,6 @@ reports that scores follow the target monotonically (reference README 3.3): rho 
 from __future__ import annotations
 
 import io as _io
-import json
 import math
 import pathlib
 import textwrap
@@ -126,14 +125,6 @@ class SweepTargets:
 
     def __len__(self) -> int:
         return len(self.values)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SweepTargets":
-        data = json.loads(text)
-        return cls(**data)
 
 
 def build_sweep(adapter_metrics: Sequence[str], metrics_text: str, start: float, stop: float, steps: int,

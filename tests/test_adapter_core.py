@@ -302,7 +302,7 @@ def test_catalog_specificity():
         assert entry is not None and entry.name == expected, (name, entry, tied)
     assert len(catalog.CATALOG) == 26
     assert [e.name for e in catalog.CATALOG if e.recipe] == ["TOPIQ + LAION-AES"]
-    assert [dim for _, _, dim in catalog.entry_by_name("TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
+    assert [dim for _, _, dim in next(e for e in catalog.CATALOG if e.name == "TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
     assert catalog.match_catalog("my_adapter.safetensors") == (None, [])
 
 
