@@ -510,6 +510,7 @@ def _bad_prompt(kind: str, index: int, truncated_name: str) -> tuple[dict, str, 
     return tokens_graph(truncated_name), "IQAAdapterLoader", ("truncated",)
 
 
+@pytest.mark.load
 def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
     """100 prompts queued at once; 30 bad, 35 plain, 35 with the adapter + scoring.
 
@@ -626,6 +627,7 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.soak
 def test_memory_rss_stable_over_50_patched_scored_prompts(server):
     pid = server.process.pid
     rss = []
