@@ -14,23 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import PromptRejected
-
-TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
-
-
-def adapter_graph(txt2img, targets="", target=99.0, weight=1.0, batch=1, prefix="iqa_nodes", adapter=TINY_ADAPTER,
-                  mode="percentile"):
-    """`target` is the percentile slider (quality 'custom')."""
-    graph = txt2img(batch=batch, prefix=prefix, steps=2)
-    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
-    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "quality": "custom", "percentile": target, "targets": targets, "mode": mode,
-        "negative_scale": 0.0}}
-    graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
-        "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": weight, "start_at": 0.0, "end_at": 1.0}}
-    graph["5"]["inputs"]["model"] = ["12", 0]
-    return graph
-
+from support.graphs import TINY_ADAPTER, adapter_graph
 
 def pixels(server, result, node="7") -> list[np.ndarray]:
     assert result.ok, result.error_message()
@@ -40,21 +24,21 @@ def pixels(server, result, node="7") -> list[np.ndarray]:
 
 def test_workflow_runs_and_targets_change_the_image(comfy_server, txt2img):
     plain = pixels(comfy_server, comfy_server.run(txt2img(prefix="iqa_plain")))
-    high = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, prefix="iqa_high")))
-    low = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=1.0, prefix="iqa_low")))
-    zero = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, weight=0.0, prefix="iqa_zero")))
+    high = pixels(comfy_server, comfy_server.run(adapter_graph(target=99.0, prefix="iqa_high")))
+    low = pixels(comfy_server, comfy_server.run(adapter_graph(target=1.0, prefix="iqa_low")))
+    zero = pixels(comfy_server, comfy_server.run(adapter_graph(target=99.0, weight=0.0, prefix="iqa_zero")))
     assert len(high) == len(low) == 1
     assert np.abs(high[0] - low[0]).max() > 8, "target 99 and target 1 gave the same image"
     assert np.abs(high[0] - plain[0]).max() > 8, "the adapter had no effect"
     assert np.array_equal(zero[0], plain[0]), "weight 0 must reproduce the unpatched image bit-for-bit"
 
 
-def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
+def test_batch_of_four_targets_one_per_latent(comfy_server):
     rows = "topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1\ntopiq_nr=50, laion_aes=99; topiq_nr=99, laion_aes=1"
-    varied = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, targets=rows, batch=4, prefix="iqa_b4")))
+    varied = pixels(comfy_server, comfy_server.run(adapter_graph(targets=rows, batch=4, prefix="iqa_b4")))
     # Same batch, row 0's target everywhere: latent 0 keeps its image, latents 1..3 change.
     same = pixels(comfy_server, comfy_server.run(adapter_graph(
-        txt2img, targets=";".join(["topiq_nr=99, laion_aes=99"] * 4), batch=4, prefix="iqa_b4same")))
+        targets=";".join(["topiq_nr=99, laion_aes=99"] * 4), batch=4, prefix="iqa_b4same")))
     assert len(varied) == len(same) == 4
     assert np.abs(varied[0] - same[0]).max() <= 1, "latent 0 must only see target 0"
     for i in (1, 2, 3):
@@ -64,9 +48,9 @@ def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
             assert not np.array_equal(varied[i], varied[j])
 
 
-def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
+def test_wrong_batch_size_is_an_execution_error(comfy_server):
     """A batch size the graph does not state literally (here: repeated latents) is checked when sampling."""
-    graph = adapter_graph(txt2img, targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1", batch=1,
+    graph = adapter_graph(targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1", batch=1,
                           prefix="iqa_badbatch")
     graph["13"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 3}}
     graph["5"]["inputs"]["latent_image"] = ["13", 0]
@@ -82,9 +66,9 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
     ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
     ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])
-def test_bad_targets_name_the_node_and_input(comfy_server, txt2img, targets, target, expected):
+def test_bad_targets_name_the_node_and_input(comfy_server, targets, target, expected):
     with pytest.raises(PromptRejected) as rejected:
-        comfy_server.queue(adapter_graph(txt2img, targets=targets, target=target, prefix="iqa_badtarget"))
+        comfy_server.queue(adapter_graph(targets=targets, target=target, prefix="iqa_badtarget"))
     assert expected in str(rejected.value), rejected.value
 
 
@@ -137,10 +121,10 @@ def bad_adapters(comfy_server, host_dir, tmp_path):
         path.unlink(missing_ok=True)
 
 
-def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapters):
+def test_bad_adapter_files_are_execution_errors(comfy_server, bad_adapters):
     cases, marker = bad_adapters
     for case, (name, expected) in cases.items():
-        result = comfy_server.run(adapter_graph(txt2img, adapter=name, prefix=f"iqa_bad_{case}"))
+        result = comfy_server.run(adapter_graph(adapter=name, prefix=f"iqa_bad_{case}"))
         assert not result.ok, case
         message = result.error_message()
         assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
@@ -148,17 +132,17 @@ def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapt
         assert comfy_server.alive()
     assert not marker.exists(), "the malicious pickle ran code"
     # The server still works after the errors.
-    assert comfy_server.run(adapter_graph(txt2img, prefix="iqa_after_errors")).ok
+    assert comfy_server.run(adapter_graph(prefix="iqa_after_errors")).ok
 
 
-def test_tokens_save_and_load_roundtrip(comfy_server, txt2img):
-    graph = adapter_graph(txt2img, targets="topiq_nr=95, laion_aes=5", prefix="iqa_tokens_direct")
+def test_tokens_save_and_load_roundtrip(comfy_server):
+    graph = adapter_graph(targets="topiq_nr=95, laion_aes=5", prefix="iqa_tokens_direct")
     graph["13"] = {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["11", 0],
                                                                     "filename_prefix": "iqa_test_tokens/t"}}
     direct = comfy_server.run(graph)
     saved = direct.outputs["13"]["tokens"][0]
     assert saved["filename"].endswith(".safetensors")
-    loaded_graph = adapter_graph(txt2img, prefix="iqa_tokens_loaded")
+    loaded_graph = adapter_graph(prefix="iqa_tokens_loaded")
     loaded_graph["11"] = {"class_type": "IQAAdapterLoadTokens",
                           "inputs": {"file": f"{saved['subfolder']}/{saved['filename']} [output]"}}
     loaded = comfy_server.run(loaded_graph)
@@ -188,7 +172,7 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     assert adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args[0] is adapter
 
 
-def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, txt2img):
+def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server):
     """Same weights file, sidecar changed between prompts (same size and mtime): the node re-runs and the
     loaded adapter carries the new descriptor, exactly as a fresh load of that descriptor would."""
     import os
@@ -212,7 +196,7 @@ def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, txt2im
         stat = side.stat()
 
         def run(name, prefix):
-            return comfy_server.run(adapter_graph(txt2img, targets=targets, adapter=name, prefix=prefix))
+            return comfy_server.run(adapter_graph(targets=targets, adapter=name, prefix=prefix))
 
         first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
         side.write_text(swapped)

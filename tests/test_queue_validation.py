@@ -10,34 +10,22 @@ import copy
 
 import pytest
 
-from conftest import TINY_ADAPTER, PromptRejected, api_prompt_txt2img
+from conftest import PromptRejected
+from support.graphs import TINY_ADAPTER, add_score, adapter_graph, txt2img
 
 PACK_CHECK = "custom_validation_failed"
 
 
-def quality_graph(targets="", quality="best", percentile=99.0, mode="percentile", batch=1, start_at=0.0,
-                  end_at=1.0, adapter=TINY_ADAPTER):
-    graph = api_prompt_txt2img(batch=batch)
-    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
-    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "quality": quality, "percentile": percentile, "targets": targets, "mode": mode,
-        "negative_scale": 0.0}}
-    graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
-        "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": 1.0, "start_at": start_at,
-        "end_at": end_at}}
-    graph["5"]["inputs"]["model"] = ["12", 0]
-    return graph
+def quality_graph(quality="best", percentile=99.0, **kwargs):
+    """The adapter graph as an artist leaves it: a preset chosen, the slider at 99."""
+    return adapter_graph(quality=quality, target=percentile, prefix="iqa_test", **kwargs)
 
 
 def score_graph(metric):
     """Scores the decoded image; the only output node (a prompt with one valid output still runs)."""
-    graph = api_prompt_txt2img()
+    graph = txt2img()
     del graph["7"]
-    graph["20"] = {"class_type": "IQAMetricLoader", "inputs": {"metric": metric, "device": "cpu",
-                                                               "differentiable": False}}
-    graph["21"] = {"class_type": "IQAScore", "inputs": {"images": ["6", 0], "metric": ["20", 0], "chunk_size": 8,
-                                                        "save_rows": "none", "filename_prefix": "iqa_scores/s"}}
-    return graph
+    return add_score(graph, ["6", 0], metric=metric, prefix="iqa_scores/s")
 
 
 def sweep_graph(start=1.0, stop=99.0, steps=4, batch=4):
