@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
-import pickle
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import PromptRejected
+from support.bad_files import BAD_FILES
 from support.graphs import TINY_ADAPTER, adapter_graph
 
 def pixels(server, result, node="7") -> list[np.ndarray]:
@@ -85,53 +85,47 @@ def test_a_row_naming_some_metrics_takes_the_rest_from_the_slider(comfy, tiny_ch
     assert torch.equal(preset.args[0].cond, slider.args[0].cond)
 
 
-@pytest.fixture
-def bad_adapters(comfy_server, host_dir, tmp_path):
-    folder = pathlib.Path(comfy_server.models_dir) / "iqa_adapter"
-    good = folder / TINY_ADAPTER
-    created = []
+@pytest.fixture(scope="module")
+def tiny_state(host_dir):
+    """A valid state dict with the tiny adapter's shapes: what the bad files are made from."""
+    from comfyui_iqa_adapter.adapter import checkpoint, synthetic
 
-    def add(name: str, data: bytes, sidecar: str | None = None):
-        path = folder / name
-        path.write_bytes(data)
-        created.append(path)
-        if sidecar is not None:
-            side = path.with_suffix(".json")
-            side.write_text(sidecar)
-            created.append(side)
-        return name
+    info = checkpoint.load_adapter_weights(host_dir / "models" / "iqa_adapter" / TINY_ADAPTER).info
+    return synthetic.random_adapter_state_dict(info.cross_attention_dim, list(info.layer_widths),
+                                               num_tokens=info.num_tokens, input_dim=info.input_dim,
+                                               projection_kind=info.projection_kind, seed=0)
 
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=lambda case: case.name)
+def test_bad_adapter_file_is_an_execution_error(comfy_server, model_files, tiny_state, tmp_path, case):
+    """The core's bad-file matrix (tests/support/bad_files.py) through the server: the loader names itself, the
+    input and the file, says what is wrong, runs no pickled code, and the server lives on."""
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
-    sidecar = (folder / "tiny_sd15_iqa_adapter.json").read_text()
-    cases = {
-        "wrong_metrics": (add("iqa_test_wrong_metrics.safetensors", good.read_bytes(),
-                              '{"kind": "score", "metrics": ["topiq_nr", "laion_aes", "musiq"], "normalization": "zscore"}'),
-                          "size 2"),
-        "truncated": (add("iqa_test_truncated.safetensors", good.read_bytes()[: good.stat().st_size // 2], sidecar),
-                      "truncated"),
-        "pickle": (add("iqa_test_malicious.bin", pickle.dumps({"image_proj": Exploit()}), sidecar), "refused"),
-    }
-    yield cases, marker
-    for path in created:
-        path.unlink(missing_ok=True)
+    name = f"iqa_test_bad_{case.name}{case.ext}"
+    model_files.path("iqa_adapter", name).write_bytes(case.build(tiny_state, str(marker)))
+    descriptor = (comfy_server.models_dir / "iqa_adapter" / TINY_ADAPTER).with_suffix(".json").read_text()
+    model_files.path("iqa_adapter", pathlib.Path(name).stem + ".json").write_text(descriptor)
+    result = comfy_server.run(adapter_graph(adapter=name, prefix=f"iqa_bad_{case.name}"))
+    assert not result.ok, case.name
+    message = result.error_message()
+    assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
+    assert name in message and all(needle in message for needle in case.needles), message
+    assert not marker.exists(), "SECURITY: loading the file ran code from its pickle"
+    assert comfy_server.alive()
 
 
-def test_bad_adapter_files_are_execution_errors(comfy_server, bad_adapters):
-    cases, marker = bad_adapters
-    for case, (name, expected) in cases.items():
-        result = comfy_server.run(adapter_graph(adapter=name, prefix=f"iqa_bad_{case}"))
-        assert not result.ok, case
-        message = result.error_message()
-        assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
-        assert name in message and expected in message, message
-        assert comfy_server.alive()
-    assert not marker.exists(), "the malicious pickle ran code"
-    # The server still works after the errors.
+def test_descriptor_of_another_size_is_an_execution_error(comfy_server, model_files):
+    good = comfy_server.models_dir / "iqa_adapter" / TINY_ADAPTER
+    name = "iqa_test_wrong_metrics.safetensors"
+    model_files.path("iqa_adapter", name).write_bytes(good.read_bytes())
+    model_files.path("iqa_adapter", "iqa_test_wrong_metrics.json").write_text(
+        '{"kind": "score", "metrics": ["topiq_nr", "laion_aes", "musiq"], "normalization": "zscore"}')
+    result = comfy_server.run(adapter_graph(adapter=name, prefix="iqa_bad_wrong_metrics"))
+    assert not result.ok
+    message = result.error_message()
+    assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
+    assert name in message and "size 2" in message, message
+    # The server still works after the error.
     assert comfy_server.run(adapter_graph(prefix="iqa_after_errors")).ok
 
 
@@ -172,7 +166,7 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     assert adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args[0] is adapter
 
 
-def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server):
+def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, model_files):
     """Same weights file, sidecar changed between prompts (same size and mtime): the node re-runs and the
     loaded adapter carries the new descriptor, exactly as a fresh load of that descriptor would."""
     import os
@@ -185,35 +179,30 @@ def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server):
     swapped = json.dumps(dict(descriptor, metrics=descriptor["metrics"][::-1]))
     assert swapped != original and len(swapped) == len(original)
     stem = f"iqa_test_sidecar_{uuid.uuid4().hex[:8]}"
-    edited, fresh = folder / f"{stem}.safetensors", folder / f"{stem}_fresh.safetensors"
-    created = [edited, fresh, edited.with_suffix(".json"), fresh.with_suffix(".json")]
+    edited, fresh = (model_files.path("iqa_adapter", f"{stem}{suffix}.safetensors") for suffix in ("", "_fresh"))
     targets = "topiq_nr=95, laion_aes=5"
-    try:
-        for path, text in ((edited, original), (fresh, swapped)):
-            path.write_bytes(good.read_bytes())
-            path.with_suffix(".json").write_text(text)
-        side = edited.with_suffix(".json")
-        stat = side.stat()
+    for path, text in ((edited, original), (fresh, swapped)):
+        path.write_bytes(good.read_bytes())
+        model_files.track(path.with_suffix(".json")).write_text(text)
+    side = edited.with_suffix(".json")
+    stat = side.stat()
 
-        def run(name, prefix):
-            return comfy_server.run(adapter_graph(targets=targets, adapter=name, prefix=prefix))
+    def run(name, prefix):
+        return comfy_server.run(adapter_graph(targets=targets, adapter=name, prefix=prefix))
 
-        first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
-        side.write_text(swapped)
-        os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        after_edit = pixels(comfy_server, run(edited.name, "iqa_sidecar_edited"))[0]
-        reference = pixels(comfy_server, run(fresh.name, "iqa_sidecar_fresh"))[0]
-        assert np.abs(after_edit - first).max() > 8, "the edited metric order was ignored (stale descriptor)"
-        assert np.array_equal(after_edit, reference), "the edited sidecar must load as a fresh one does"
+    first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
+    side.write_text(swapped)
+    os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after_edit = pixels(comfy_server, run(edited.name, "iqa_sidecar_edited"))[0]
+    reference = pixels(comfy_server, run(fresh.name, "iqa_sidecar_fresh"))[0]
+    assert np.abs(after_edit - first).max() > 8, "the edited metric order was ignored (stale descriptor)"
+    assert np.array_equal(after_edit, reference), "the edited sidecar must load as a fresh one does"
 
-        side.write_text('{"metrics": ["topiq_nr", ')
-        broken = run(edited.name, "iqa_sidecar_broken")
-        assert not broken.ok and "invalid JSON" in broken.error_message(), broken.error_message()
-        side.unlink()
-        deleted = run(edited.name, "iqa_sidecar_deleted")
-        assert not deleted.ok and "no descriptor" in deleted.error_message(), deleted.error_message()
-        side.write_text(original)
-        assert np.array_equal(pixels(comfy_server, run(edited.name, "iqa_sidecar_restored"))[0], first)
-    finally:
-        for path in created:
-            path.unlink(missing_ok=True)
+    side.write_text('{"metrics": ["topiq_nr", ')
+    broken = run(edited.name, "iqa_sidecar_broken")
+    assert not broken.ok and "invalid JSON" in broken.error_message(), broken.error_message()
+    side.unlink()
+    deleted = run(edited.name, "iqa_sidecar_deleted")
+    assert not deleted.ok and "no descriptor" in deleted.error_message(), deleted.error_message()
+    side.write_text(original)
+    assert np.array_equal(pixels(comfy_server, run(edited.name, "iqa_sidecar_restored"))[0], first)

@@ -39,11 +39,17 @@ def test_metric_loader_offers_ready_then_paper_metrics_first(comfy_server):
     options = info["IQAMetricLoader"]["input"]["required"]["metric"]
     names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
     from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.models import metrics as metric_catalog
     from comfyui_iqa_adapter.models.metrics import PAPER_METRICS
 
     folder = [str(comfy_server.models_dir / "iqa")]
     ready = [n for n in names if iqa_models.missing_weight_files(n, folder, plan=False) == []]
-    assert "piqe" in ready and names.index("piqe") < names.index("topiq_nr-flive") or "topiq_nr-flive" in ready
+    assert "piqe" in ready  # weight-free
+    full_reference = [metric_catalog.is_full_reference(n) for n in names]
+    assert full_reference == sorted(full_reference), "no-reference metrics come before full-reference ones"
+    for group in (False, True):
+        loads = [n in ready for n, fr in zip(names, full_reference) if fr == group]
+        assert loads == sorted(loads, reverse=True), f"in each group the metrics that load here come first: {names}"
     missing_paper = [n for n in names if n in PAPER_METRICS and n not in ready]
     assert missing_paper == [n for n in PAPER_METRICS if n not in ready], "the paper's metrics keep their order"
 

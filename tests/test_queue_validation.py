@@ -1,8 +1,8 @@
 """Mistakes an artist makes are refused when the prompt is queued (HTTP 400 from /prompt, naming the node
 and the input), before any model is loaded: through the real server, on whichever host is installed.
 
-Where a host checks a combo value itself before the node's own check (newer hosts refuse values not in
-the list), the test accepts the host's refusal and asserts the pack's wording only where its own check ran.
+Every input checked here is one the node validates itself, so both hosts (0.3.75 and 0.33.0) leave it to the
+pack's check (0.33.0 refuses other combo values itself: test_host_contract.py) and the pack's wording is pinned.
 """
 from __future__ import annotations
 
@@ -52,10 +52,9 @@ def node_error(body: dict, node_id: str, input_name: str) -> tuple[str, str]:
     raise AssertionError(f"no error on node {node_id} input {input_name!r}: {body}")
 
 
-def pack_message(body, node_id, input_name, display_name) -> str | None:
+def pack_message(body, node_id, input_name, display_name) -> str:
     kind, text = node_error(body, node_id, input_name)
-    if kind != PACK_CHECK:
-        return None
+    assert kind == PACK_CHECK, (kind, text)
     assert f"{display_name}: {input_name}:" in text, text
     assert "{" not in text and "[" not in text, f"a Python repr leaked into the message: {text}"
     return text
@@ -64,22 +63,20 @@ def pack_message(body, node_id, input_name, display_name) -> str | None:
 def test_missing_adapter_file_lists_what_is_there(comfy_server):
     body = rejection(comfy_server, quality_graph(adapter="tiny_sd15_iqa_adaptr.safetensors"))
     text = pack_message(body, "10", "adapter_name", "Load Quality Adapter")
-    if text is not None:
-        assert TINY_ADAPTER in text and "did you mean" in text, text
+    assert TINY_ADAPTER in text and "did you mean" in text, text
 
 
 def test_unknown_metric_name_in_targets_suggests_the_right_one(comfy_server):
     body = rejection(comfy_server, quality_graph(targets="topiq_nrr=90, laion_aes=50", quality="custom",
                                                  percentile=50.0))
     text = pack_message(body, "11", "targets", "Quality Target")
-    assert text is not None and "'topiq_nrr'" in text and "did you mean 'topiq_nr'" in text, text
+    assert "'topiq_nrr'" in text and "did you mean 'topiq_nr'" in text, text
 
 
 def test_unknown_metric_name_in_loader(comfy_server):
     body = rejection(comfy_server, score_graph("topiq_nrr"))
     text = pack_message(body, "20", "metric", "Load Quality Metric")
-    if text is not None:
-        assert "did you mean 'topiq_nr'" in text, text
+    assert "did you mean 'topiq_nr'" in text, text
 
 
 def test_metric_weights_not_installed_names_file_and_folder(comfy_server):
@@ -91,7 +88,7 @@ def test_metric_weights_not_installed_names_file_and_folder(comfy_server):
         pytest.skip("SKIPPED LOUDLY: topiq_nr's weights are installed on this machine, nothing is missing")
     body = rejection(comfy_server, score_graph("topiq_nr"))
     text = pack_message(body, "20", "metric", "Load Quality Metric")
-    assert text is not None and missing[0] in text and folder in text, text
+    assert missing[0] in text and folder in text, text
     assert "piqe" in text, "names metrics that need no file"
 
 
@@ -116,7 +113,6 @@ def test_mistake_refused_at_queue_time(comfy_server, node_id, graph, input_name)
     display = {"IQAAdapterApply": "Apply Quality Adapter", "IQAAdapterEncodeTarget": "Quality Target",
                "IQATargetSweep": "Quality Target Sweep"}[graph[node_id]["class_type"]]
     text = pack_message(body, node_id, input_name, display)
-    assert text is not None, body
     if "rows" in text or "batch" in text:
         assert "count" in text, text
 
