@@ -164,6 +164,19 @@ def txt2img():
 
 
 @pytest.fixture
+def isolated_metric_caches(tmp_path, monkeypatch):
+    """pyiqa's cache (the torch hub dir) and clip's (~/.cache/clip) under tmp_path and the pack's metric cache
+    empty: no real file leaks into a metric test, and no test-made metric leaks out of it."""
+    from comfyui_iqa_adapter.adapter import iqa_models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    iqa_models.clear_metric_cache()
+    yield
+    iqa_models.clear_metric_cache()
+
+
+@pytest.fixture
 def network_attempts(monkeypatch):
     """Every socket connect / DNS lookup / urlopen is recorded and refused: offline paths must not wait
     on the network (asserted instead of a wall-clock bound, which a loaded machine breaks)."""

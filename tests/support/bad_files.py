@@ -139,13 +139,15 @@ BAD_FILES = [
             _edited(_set("ip_adapter.3.to_k_ip.weight", lambda s: s["ip_adapter.3.to_k_ip.weight"].to(torch.int32))),
             ("ip_adapter.3.to_k_ip.weight", "int32")),
     BadFile("nan_weight", ".safetensors", _edited(_nan), ("image_proj.proj.bias", "NaN")),
-    BadFile("layer_missing", ".safetensors", _edited(_drop("ip_adapter.3.to_k_ip.weight", "ip_adapter.3.to_v_ip.weight")),
+    BadFile("layer_missing", ".safetensors",
+            _edited(_drop("ip_adapter.3.to_k_ip.weight", "ip_adapter.3.to_v_ip.weight")),
             ("ip_adapter.3.to_k_ip.weight", "missing")),
     BadFile("half_a_layer", ".safetensors", _edited(_drop("ip_adapter.5.to_v_ip.weight")),
             ("ip_adapter.5.to_v_ip.weight",)),
     BadFile("even_layer_index", ".safetensors", _edited(_even_layer), ("ip_adapter.2",)),
     BadFile("unknown_layer_key", ".safetensors",
-            _edited(_set("ip_adapter.1.to_out_ip.weight", lambda s: torch.zeros(4, 4))), ("ip_adapter.1.to_out_ip.weight",)),
+            _edited(_set("ip_adapter.1.to_out_ip.weight", lambda s: torch.zeros(4, 4))),
+            ("ip_adapter.1.to_out_ip.weight",)),
     BadFile("unknown_projection_key", ".safetensors", _edited(_set("image_proj.extra", lambda s: torch.zeros(3))),
             ("image_proj.extra",)),
     BadFile("foreign_key", ".safetensors", _edited(_set("text_encoder.weight", lambda s: torch.zeros(3))),
@@ -163,9 +165,8 @@ BAD_FILES = [
     BadFile("plain_pickle", ".bin", lambda state, marker: pickle.dumps({"image_proj": RunsCode(marker)}),
             ("not a torch zip file", "refused")),
     BadFile("zero_stride_views", ".bin", _torch_file(_zero_stride), ("expanded view", "refused before allocating")),
-    BadFile("sparse_tensor", ".bin", _torch_file(
-        lambda nested: nested["image_proj"].__setitem__("norm.bias", torch.sparse_coo_tensor([[0]], [1.0], (4,), check_invariants=False))),
-        ("sparse",)),
+    BadFile("sparse_tensor", ".bin", _torch_file(lambda nested: nested["image_proj"].__setitem__(
+        "norm.bias", torch.sparse_coo_tensor([[0]], [1.0], (4,), check_invariants=False))), ("sparse",)),
     BadFile("meta_tensor", ".bin", _torch_file(
         lambda nested: nested["image_proj"].__setitem__("norm.bias", torch.empty(4, device="meta"))), ("meta",)),
 ]
