@@ -16,9 +16,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT, _load_by_path, comfy_server_module
+from conftest import TINY_ADAPTER, TINY_CHECKPOINT, comfy_server_module
 
-workflow_tools = _load_by_path("iqa_workflow_tools", PACK_ROOT / "scripts" / "workflow_tools.py")
+from comfyui_iqa_adapter.scripts import workflow_tools
+
 NAMES = list(workflow_tools.EXAMPLES)  # API twin names; the UI files are named for people (template titles)
 GENERATING = ["sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
               "gradient_guidance"]
