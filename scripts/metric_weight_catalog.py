@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import sys
 
-import _pack
+from comfyui_iqa_adapter.adapter import iqa_models, metric_files
+from comfyui_iqa_adapter.models import metrics
+from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT
 
-OUT = _pack.PACK_ROOT / "models" / "metric_weights.json"
+OUT = PACK_ROOT / "models" / "metric_weights.json"
 
 
 def main() -> int:
-    _pack.load_pack()
-    from comfyui_iqa_adapter.adapter import iqa_models, metric_files
-    from comfyui_iqa_adapter.models import metrics
     catalog: dict[str, list[str]] = {}
     for name in metrics.offered_metric_names():
         try:
