@@ -73,7 +73,7 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
     result = comfy_server.run(graph)
     assert not result.ok
     message = result.error_message()
-    assert "IQAAdapterApply: tokens" in message and "2 targets" in message and "latent batch is 3" in message
+    assert "Apply Quality Adapter: tokens" in message and "2 targets" in message and "latent batch is 3" in message
     assert comfy_server.alive()
 
 
