@@ -25,7 +25,8 @@ from comfy_api.latest import io
 
 from ..adapter import errors, guidance, iqa_models
 from ..adapter.errors import InputError
-from . import metric_nodes, presentation, types
+from . import presentation, types
+from .host_models import host_managed, memory_managed
 from .inputs import check_schedule
 
 NODE = "IQAGradientGuidance"
@@ -142,15 +143,6 @@ def _decoder_module(decoder: str, vae, latent_format) -> torch.nn.Module:
     return _own_vae_module(vae) if decoder == "vae" else _taesd_module(latent_format)
 
 
-def host_managed(module: torch.nn.Module, device: torch.device):
-    """`module` as a host ModelPatcher (plain, never dynamic): the host loads it to `device`, counts it and may
-    offload it between uses."""
-    import comfy.model_patcher
-
-    return comfy.model_patcher.ModelPatcher(module, load_device=device,
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
 def _check_metric(metric):
     if metric is None or not hasattr(metric, "score") or not hasattr(metric, "net"):
         raise InputError("expected an IQA_METRIC from IQAMetricLoader", "metric")
@@ -202,7 +194,7 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     device = comfy.model_management.get_torch_device()  # the host's choice (--cpu, --cuda-device, ...)
     offload = comfy.model_management.unet_offload_device()  # where the host keeps it until it loads it
     decoder_patcher = host_managed(_decoder_module(decoder, vae, latent_format).to(offload, torch.float32), device)
-    metric_patcher = metric_nodes.memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
+    metric_patcher = memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
     patched.set_additional_models(GUIDANCE_MODELS, [decoder_patcher, metric_patcher])
     model_sampling = model.get_model_object("model_sampling")
     sigma_start = float(model_sampling.percent_to_sigma(start_at))

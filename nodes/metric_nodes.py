@@ -13,7 +13,6 @@ import datetime
 import os
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
@@ -24,6 +23,7 @@ from ..adapter.errors import InputError
 from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
 from . import presentation, types
+from .host_models import memory_managed
 from .inputs import image_to_bchw
 from .paths import METRIC_FOLDER
 
@@ -142,18 +142,6 @@ def check_loader_inputs(metric: str | None = None, device: str | None = None) ->
         raise InputError(f"{metric} needs the weight file {', '.join(missing)}, which is not installed: put it in "
                          f"{metric_folders()[0]} (nothing is downloaded). Metrics that need no file: "
                          f"{', '.join(weight_free)}.", "metric")
-
-
-def memory_managed(metric: iqa_models.LoadedMetric) -> comfy.model_patcher.ModelPatcher:
-    """The metric's network as a host ModelPatcher (one per loaded metric, kept on it): the host's model
-    manager loads it beside the other models and may offload it when memory is needed; when the metric
-    leaves the pack's cache, the patcher goes with it."""
-    patcher = getattr(metric, "_host_patcher", None)
-    if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(metric.net, load_device=metric.device,
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        object.__setattr__(metric, "_host_patcher", patcher)
-    return patcher
 
 
 def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, reference: torch.Tensor | None,

@@ -78,7 +78,7 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
 
 
 @pytest.mark.parametrize("targets,target,expected", [
-    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got '100.0'"),
+    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got 100.0"),
     ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
     ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])
