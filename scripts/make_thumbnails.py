@@ -152,10 +152,7 @@ def write_thumbnails(paths: dict[str, pathlib.Path]) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from workflow_tools import EXAMPLES, thumbnail_path
+    from comfyui_iqa_adapter.scripts.workflow_tools import EXAMPLES, thumbnail_path
 
     for written in write_thumbnails({slug: thumbnail_path(slug) for slug in EXAMPLES}):
         print(written, math.ceil(written.stat().st_size / 1024), "KB")

@@ -787,8 +787,7 @@ def convert_all(object_info: dict, ui_dir: pathlib.Path = UI_DIR, api_dir: pathl
 
 
 def _object_info(url: str | None) -> tuple[dict, object]:
-    sys.path.insert(0, str(SCRIPTS))
-    from comfy_server import ComfyServer, ensure_pack_linked, host_dir
+    from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, ensure_pack_linked, host_dir
 
     if url:
         import urllib.request
@@ -806,8 +805,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="author only these examples")
     args = parser.parse_args(argv)
     if args.command == "thumbnails":
-        sys.path.insert(0, str(SCRIPTS))
-        from make_thumbnails import write_thumbnails
+        from comfyui_iqa_adapter.scripts.make_thumbnails import write_thumbnails
         for path in write_thumbnails({slug: thumbnail_path(slug) for slug in EXAMPLES}):
             print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
         return 0

@@ -18,6 +18,8 @@ import pytest
 from conftest import comfy_server_module
 from test_workflows import tiny_assets  # noqa: F401 - fixture: tiny metric weights, adapters, input images
 
+pytestmark = pytest.mark.browser
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UI_DIR = ROOT / "workflows" / "ui"
 API_DIR = ROOT / "workflows" / "api"

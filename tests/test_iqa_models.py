@@ -18,17 +18,11 @@ pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (req
 
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, reference, synthetic  # noqa: E402
 from comfyui_iqa_adapter.models import metrics as catalog  # noqa: E402
+from support.bad_files import RunsCode  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("isolated_metric_caches")
 
 CNNIQA_FILE = "CNNIQA_koniq10k-e6f14c91.pth"
-
-
-@pytest.fixture(autouse=True)
-def isolated_torch_home(tmp_path, monkeypatch):
-    # pyiqa's own cache (torch hub dir/pyiqa) must not leak real files into the test
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    iqa_models.clear_metric_cache()
-    yield
-    iqa_models.clear_metric_cache()
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +143,11 @@ def test_safetensors_copy_is_accepted(weights_dir, tmp_path):
     torch.testing.assert_close(from_st, from_pth, atol=0, rtol=0)
 
 
-class _PlantsMarker:
-    """Unpickling this object would run os.system / open a file: the safe loader must refuse it."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
 def test_pickle_payload_is_never_executed(tmp_path):
     marker = tmp_path / "PWNED"
     user = tmp_path / "iqa"
     user.mkdir()
-    torch.save({"params": {"conv1.weight": torch.zeros(1)}, "evil": _PlantsMarker(str(marker))}, user / CNNIQA_FILE)
+    torch.save({"params": {"conv1.weight": torch.zeros(1)}, "evil": RunsCode(str(marker))}, user / CNNIQA_FILE)
     with pytest.raises(iqa_models.UnsafeWeightsError, match="could not be read safely"):
         iqa_models.load_metric("cnniqa", [str(user)], "cpu")
     assert not marker.exists()
