@@ -234,6 +234,19 @@ def _open_templates(page):
     return dialog
 
 
+def _assert_whole_in_view(page, label: str, known_issue: str = "") -> None:
+    """Fails on any hidden part; parts under the minimap, or all parts where `known_issue` names why, are
+    reported as an expected failure (issue 12, still open for these layouts) with what is hidden."""
+    hidden = page.evaluate(HIDDEN_PARTS)
+    under_minimap = [part for part in hidden if part.endswith(": minimap")]
+    if not known_issue:
+        assert [part for part in hidden if part not in under_minimap] == [], \
+            f"{label} on frontend {page.frontend_version}: hidden parts"
+        known_issue = "the minimap (shown by default) covers the layout's bottom-right corner"
+    if hidden:
+        pytest.xfail(f"KNOWN ISSUE on frontend {page.frontend_version}, {label}: {known_issue}; hidden: {hidden}")
+
+
 def _dismiss_error_overlay(page):
     dismiss = page.locator("[data-testid='error-overlay-dismiss']")
     if dismiss.count():
@@ -268,14 +281,8 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
     page.keyboard.press("Escape")
     _dismiss_error_overlay(page)  # since 1.48: "N errors found" for the files the test host lacks
     page.screenshot(path=str(SHOTS / f"template_{title}.png"))
-    hidden = page.evaluate(HIDDEN_PARTS)
-    under_minimap = [part for part in hidden if part.endswith(": minimap")]
     assert not page.page_errors, page.page_errors
-    assert [part for part in hidden if part not in under_minimap] == [], \
-        f"{title} on frontend {page.frontend_version}: hidden parts"
-    if under_minimap:  # issue 12 (c), open: the layouts still reach into the minimap's corner
-        pytest.xfail(f"KNOWN ISSUE on frontend {page.frontend_version}: the minimap (shown by default) hides "
-                     f"{under_minimap}")
+    _assert_whole_in_view(page, title)
 
 
 # ------------------------------------------------------------------------------------------ Run, scores shown
@@ -293,6 +300,8 @@ TINY_WIDGETS = """(node, tiny) => {
     }
 }"""
 RUN_EXAMPLES = ["score_images", "degradation_sweep"]  # scoring only; generating + scoring + sweep report
+RUN_LAYOUT_ISSUES = {"degradation_sweep": "its Quality Score card grows ~530 graph units after Run, over the "
+                                          "Sweep Report below it and out of the window"}
 
 
 def _click_run(page):
@@ -309,7 +318,8 @@ def _click_run(page):
 @pytest.mark.parametrize("name", RUN_EXAMPLES)
 def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
     """Load the example, point it at the tiny models, click Run, and find the scores on the page: the
-    score table rendered on each scoring node, and the score card it previews."""
+    score table rendered on each scoring node, and the score card it previews; the grown cards leave
+    the workflow whole in view."""
     workflow = json.loads(workflow_tools.examples()[name].read_text())
     tiny = {"checkpoint": "tiny_sd15.safetensors", "adapter": "tiny_sd15_iqa_adapter.safetensors", "metric": "piqe"}
     page.evaluate(
@@ -349,6 +359,7 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
     if name == "degradation_sweep":
         assert any("Spearman rho" in t for t in shown["tables"]), shown["tables"]
     assert not page.page_errors, page.page_errors
+    _assert_whole_in_view(page, f"{name} after Run", RUN_LAYOUT_ISSUES.get(name, ""))
 
 
 def test_pack_nodes_are_findable_and_documented(comfy_server):
