@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import common
+from comfyui_iqa_adapter.benchmarks import common
 
 
 def random_full_sd_vae(seed: int = 0):
@@ -49,7 +49,6 @@ def main() -> None:
     steps = args.steps or (2 if args.quick else 3)
     repeats = args.repeats or (2 if args.quick else 5)
 
-    common.load_pack()
     comfy = common.import_host_comfy()
     import torch
     from comfyui_iqa_adapter.adapter import iqa_models

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-import common
+from comfyui_iqa_adapter.benchmarks import common
 
 CHECKPOINT = "tiny_sd15.safetensors"
 ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
@@ -28,7 +28,6 @@ ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
 def child(with_adapter: bool, size: int, steps: int) -> None:
     started = time.perf_counter()
     common.import_host_comfy()
-    common.load_pack()
     import torch
     import comfy.sample
     import comfy.sd

@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from _pack import load_pack
-from comfy_server import host_dir
-
-load_pack()
-HOST = host_dir()  # the selected host (IQA_TEST_HOST, see scripts/comfy_server.py)
-sys.path.insert(0, str(HOST))
-import comfy.cli_args
-
-comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 import torch
 
-from comfyui_iqa_adapter.adapter.synthetic import SD15_UNET_CONFIG as SD15_FULL  # noqa: E402
-from comfyui_iqa_adapter.adapter.synthetic import SDXL_UNET_CONFIG as SDXL_FULL  # noqa: E402
+from comfyui_iqa_adapter.adapter.synthetic import SD15_UNET_CONFIG as SD15_FULL
+from comfyui_iqa_adapter.adapter.synthetic import SDXL_UNET_CONFIG as SDXL_FULL
+from comfyui_iqa_adapter.scripts.comfy_server import host_dir, import_host
+
+HOST = host_dir()  # the selected host (IQA_TEST_HOST, see scripts/comfy_server.py)
+import_host(HOST, cpu=True)
 
 
 def measure(quick: bool):

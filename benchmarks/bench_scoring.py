@@ -12,22 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def import_host():
-    host = pathlib.Path(os.environ.get("COMFYUI_DIR", ROOT / ".host" / "ComfyUI"))
-    if str(host) not in sys.path:
-        sys.path.insert(0, str(host))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: F401
+from comfyui_iqa_adapter.scripts import comfy_server
 
 
 def main(argv=None) -> int:
@@ -45,10 +34,7 @@ def main(argv=None) -> int:
     import torch
     import pyiqa
 
-    import_host()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from _pack import load_pack
-    load_pack()
+    comfy_server.import_host(cpu=True)
     from comfyui_iqa_adapter.adapter import iqa_models
     from comfyui_iqa_adapter.nodes import metric_nodes
 

@@ -17,13 +17,10 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_server import ComfyServer, ensure_pack_linked, host_dir  # noqa: E402
+from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, ensure_pack_linked, host_dir
 
 
 def graph(kind: str, seed: int, args, target: float = 50.0) -> dict:

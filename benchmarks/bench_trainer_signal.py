@@ -1,5 +1,5 @@
 """Trainer: does the learned conditioning carry information? Held-out denoising loss with true vs
-shuffled quality vectors after a short training (tests/trainer_signal.py), over several seeds.
+shuffled quality vectors after a short training (tests/support/trainer_signal.py), over several seeds.
 
 Prints one JSON line per seed and a summary line: ratio = mean loss(true) / mean loss(shuffled)
 (< 1: the vectors help), with the gap's mean and standard deviation over seeds.
@@ -12,11 +12,10 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
-import common
+from comfyui_iqa_adapter.benchmarks import common
 
 REPO = common.REPO_ROOT
 
@@ -29,16 +28,13 @@ def main() -> int:
     args = p.parse_args()
     seeds = args.seeds or (2 if args.quick else 5)
     steps = args.steps or (20 if args.quick else 40)
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from train import import_host
+    from comfyui_iqa_adapter.scripts.comfy_server import import_host
 
     import_host(REPO / ".host" / "ComfyUI", cpu=True)
-    common.load_pack()
     import torch
 
     torch.set_num_threads(1)
-    import trainer_signal
+    from comfyui_iqa_adapter.tests.support import trainer_signal
 
     from comfyui_iqa_adapter.nodes.train_host import HostBase
 

@@ -1,9 +1,6 @@
 """Shared helpers of the ratio benchmarks: interleaved timing, robust statistics, one JSON object per line.
 
-A bench script run as `python benchmarks/bench_x.py` has benchmarks/ on sys.path already, so `import common`
-works. From elsewhere, import it by path:
-
-    spec = importlib.util.spec_from_file_location("bench_common", "<repo>/benchmarks/common.py")
+Bench scripts import it as `comfyui_iqa_adapter.benchmarks.common` (the editable install scripts/setup.sh makes).
 
 Every result line holds at least: name, ratio (variant / baseline, medians), baseline_s, variant_s, repeats,
 goal (text such as "<= 1.05") and, when the goal is numeric, goal_max / goal_min and passed.
@@ -12,12 +9,14 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import pathlib
 import statistics
 import sys
 import time
 from typing import Callable
+
+from comfyui_iqa_adapter.scripts import comfy_server
+from comfyui_iqa_adapter.scripts.comfy_server import host_dir  # noqa: F401  (the selected host, for bench scripts)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -26,40 +25,11 @@ def is_quick(argv: list[str] | None = None) -> bool:
     return "--quick" in (sys.argv if argv is None else argv)
 
 
-def load_pack():
-    """The checkout as the package `comfyui_iqa_adapter` (the only supported way to import it)."""
-    import importlib.util
-
-    name = "iqa_pack_loader"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "_pack.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].load_pack()
-
-
-def host_dir() -> pathlib.Path:
-    """The selected host (IQA_TEST_HOST / IQA_COMFYUI_DIR), as scripts/comfy_server.py says."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        from comfy_server import host_dir as selected_host_dir
-    finally:
-        sys.path.pop(0)
-    return selected_host_dir()
-
-
 def import_host_comfy():
-    """The host's `comfy` package in this process, forced to CPU before model_management is imported."""
-    host = str(host_dir())
-    if host not in sys.path:
-        sys.path.insert(0, host)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
+    """The selected host's `comfy` package in this process, forced to CPU."""
+    comfy_server.import_host(cpu=True)
     import comfy.sample  # noqa: F401
+
     return comfy
 
 

@@ -19,12 +19,10 @@ import subprocess
 import sys
 import time
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import common  # noqa: E402
+from comfyui_iqa_adapter.benchmarks import common
+from comfyui_iqa_adapter.scripts import comfy_server
 
-sys.path.insert(0, str(BENCH_DIR.parent / "scripts"))
-import comfy_server  # noqa: E402
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
 # (short name, script) in run order
 BENCHMARKS = [

@@ -1,4 +1,5 @@
-"""A real ComfyUI server for tests, demos and benchmarks: start, queue API prompts, collect results.
+"""The ComfyUI host for tests, demos and benchmarks: where it lives, importing it in-process, and a real
+server (start, queue API prompts, collect results).
 
 Used by tests/conftest.py (one server per pytest session), scripts/demo.py and the benchmarks.
 Talks HTTP to 127.0.0.1 only.
@@ -47,6 +48,24 @@ def host_python(name: str | None = None) -> str:
     venv = PACK_ROOT / ".venv" if name == "default" else HOSTS_DIR / name / "venv"
     venv_python = venv / "bin" / "python"
     return str(venv_python) if venv_python.exists() else sys.executable
+
+
+def import_host(comfy_dir: pathlib.Path | None = None, cpu: bool = True):
+    """The host's `comfy` package in this process (the selected host by default): the host's root goes on
+    sys.path, as `python main.py` has it; `cpu` forces CPU before comfy.model_management is imported."""
+    comfy_dir = pathlib.Path(comfy_dir or host_dir())
+    if not (comfy_dir / "comfy").is_dir():
+        raise SystemExit(f"no ComfyUI at {comfy_dir} (run `bash scripts/setup.sh`, or give COMFYUI_PATH)")
+    if str(comfy_dir) not in sys.path:
+        sys.path.insert(0, str(comfy_dir))
+    import comfy.cli_args
+
+    if cpu:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    return comfy
 
 
 def host_version(comfy_dir: pathlib.Path | None = None) -> tuple[int, ...]:

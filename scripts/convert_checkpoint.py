@@ -14,8 +14,6 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _pack import load_pack  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +26,6 @@ def main(argv=None) -> int:
     p.add_argument("--flag", action="store_true", help="trained with --use_flag 1")
     p.add_argument("--pos-encode-L", type=int, default=0, help="trained with --pos_encode 1: its --pos_encode_L")
     args = p.parse_args(argv)
-    load_pack()
     from comfyui_iqa_adapter.adapter import training_layout
 
     if args.descriptor:

@@ -18,20 +18,14 @@ import sys
 import tempfile
 import time
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-from comfy_server import ComfyServer, ensure_pack_linked, host_dir  # noqa: E402
-
+from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT as ROOT
+from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, ensure_pack_linked, host_dir
 
 WORKFLOW = ROOT / "workflows" / "api" / "sd15_quality_target.json"
 
 
 def adapter_metrics(comfy_dir: pathlib.Path, adapter_name: str) -> list[str]:
     """The adapter's metrics, in order, from its descriptor (sidecar JSON or the built-in catalog)."""
-    from _pack import load_pack
-
-    load_pack()
     from comfyui_iqa_adapter.adapter.descriptor import resolve_descriptor
 
     return list(resolve_descriptor(comfy_dir / "models" / "iqa_adapter" / adapter_name).metrics)

@@ -20,10 +20,7 @@ import sys
 import tempfile
 import time
 
-from _pack import load_pack
-
-load_pack()
-from comfy_server import ComfyServer  # noqa: E402
+from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
 TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"

@@ -16,8 +16,9 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
+
+from comfyui_iqa_adapter.scripts import comfy_server
 
 SEED = 20241201
 GENERATOR_VERSION = "3"  # bump when the generated layout or values change
@@ -57,11 +58,7 @@ TINY_ADAPTER_DESCRIPTOR = {
 
 
 def import_host(comfy_dir: pathlib.Path):
-    if str(comfy_dir) not in sys.path:
-        sys.path.insert(0, str(comfy_dir))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
+    comfy_server.import_host(comfy_dir, cpu=True)
     import comfy.clip_model
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.ops
@@ -171,10 +168,6 @@ def main(argv=None) -> int:
         print(f"[tiny models] up to date: {ckpt_path.name}, {adapter_path.name}")
         return 0
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from _pack import load_pack
-
-    load_pack()
     from comfyui_iqa_adapter.adapter.synthetic import random_adapter_state_dict
 
     start = time.perf_counter()

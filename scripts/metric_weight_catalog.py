@@ -11,19 +11,16 @@ file; metrics that cannot be built offline at all are left out (the loader says 
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
-import _pack
+from comfyui_iqa_adapter.adapter import iqa_models
+from comfyui_iqa_adapter.models import metrics
+from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT
 
-OUT = _pack.PACK_ROOT / "models" / "metric_weights.json"
+OUT = PACK_ROOT / "models" / "metric_weights.json"
 
 
 def main() -> int:
-    pack = _pack.load_pack()
-    from importlib import import_module
-    iqa_models = import_module(f"{pack.__name__}.adapter.iqa_models")
-    metrics = import_module(f"{pack.__name__}.models.metrics")
     catalog: dict[str, list[str]] = {}
     for name in metrics.offered_metric_names():
         try:

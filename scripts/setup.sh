@@ -149,9 +149,14 @@ if ! stamp_ok "$hvenv_dir/.req-stamp" "$req_hash"; then
   stamp_write "$hvenv_dir/.req-stamp" "$req_hash"
 fi
 
-# 4. the pack inside the host
+# 4. the pack inside the host, and importable as `comfyui_iqa_adapter` by scripts, tests and benchmarks
+#    (an editable install: the venv maps the package name to this checkout; no sys.path edits anywhere)
 mkdir -p "$comfy/custom_nodes"
 ln -sfn "$root" "$comfy/custom_nodes/ComfyUI-IQA-Adapter"
+if [ "$("$py" -c 'import importlib.util as u; s = u.find_spec("comfyui_iqa_adapter"); print(s.submodule_search_locations[0] if s else "")' 2>/dev/null)" != "$root" ]; then
+  log "installing this checkout as the editable package comfyui_iqa_adapter into $hvenv_dir"
+  pipi "$py" --no-deps -e "$root"
+fi
 
 # 5. embedded tiny models (seeded, written once)
 "$py" "$root/scripts/make_tiny_models.py" --comfy "$comfy"

@@ -45,10 +45,6 @@ import time
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-from _pack import load_pack  # noqa: E402
-
-load_pack()
 from comfyui_iqa_adapter.adapter import sweep_jobs  # noqa: E402
 from comfyui_iqa_adapter.adapter.sweep_jobs import (  # noqa: E402,F401  (find_prompt_node: used by the tests)
     SweepError, find_nodes, find_prompt_node)
@@ -147,7 +143,7 @@ class Progress:
 
 
 def make_pool(args, warmup: dict | None):
-    from sweep_workers import LocalPool, RayPool
+    from comfyui_iqa_adapter.scripts.sweep_workers import LocalPool, RayPool
     kwargs = {"metrics": args.metric, "metric_dirs": args.metric_dir, "metric_device": args.metric_device,
               "score_size": args.score_size,
               "timeout": args.timeout, "warmup": warmup, "threads": args.threads}
@@ -408,7 +404,7 @@ def cap_items(batches: list, limit: int) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from comfy_server import host_dir
+    from comfyui_iqa_adapter.scripts.comfy_server import host_dir
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("workflow", nargs="?", help="API-format workflow JSON (e.g. workflows/api/sd15_quality_target.json)")

@@ -17,17 +17,13 @@ import pathlib
 import queue
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-from comfy_server import ComfyServer, PromptRejected, ensure_pack_linked, host_dir  # noqa: E402
+from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, PromptRejected, ensure_pack_linked, host_dir
 
 
 class ServerLost(RuntimeError):
@@ -75,8 +71,6 @@ def load_scorer(name: str, folders: list[str], device: str = "cpu", score_size: 
     import torch
     from PIL import Image
 
-    from _pack import load_pack
-    load_pack()
     from comfyui_iqa_adapter.adapter import iqa_models
 
     metric = iqa_models.load_metric(name, folders, device)
@@ -125,8 +119,6 @@ class SweepWorker:
 
     def adapter_metrics(self, adapter_name: str) -> list[str]:
         """The metric names (in order) of an adapter in this server's models/iqa_adapter folder."""
-        from _pack import load_pack
-        load_pack()
         from comfyui_iqa_adapter.adapter.descriptor import resolve_descriptor
         return list(resolve_descriptor(host_dir() / "models" / "iqa_adapter" / adapter_name).metrics)
 
@@ -277,8 +269,7 @@ class RayPool:
                  object_store_mb: int = 200):
         import ray
         self.ray = ray
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-            [str(SCRIPTS), *filter(None, [os.environ.get("PYTHONPATH")])])}}
+        runtime_env = {"env_vars": {}}  # workers import the pack from the venv's editable install
         for name in ("IQA_COMFYUI_DIR",):
             if os.environ.get(name):
                 runtime_env["env_vars"][name] = os.environ[name]

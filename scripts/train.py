@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _pack import PACK_ROOT, load_pack  # noqa: E402
+from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT, import_host
 
 
 def parse_args(argv=None):
@@ -53,19 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def import_host(comfy_dir: pathlib.Path, cpu: bool):
-    if not (comfy_dir / "comfy").is_dir():
-        raise SystemExit(f"train: no ComfyUI at {comfy_dir} (give --comfy or COMFYUI_PATH)")
-    if str(comfy_dir) not in sys.path:
-        sys.path.insert(0, str(comfy_dir))
-    import comfy.cli_args
-
-    if cpu:
-        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -78,7 +63,6 @@ def main(argv=None) -> int:
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     comfy_dir = pathlib.Path(args.comfy).resolve()
     import_host(comfy_dir, cpu)
-    load_pack()
     from comfyui_iqa_adapter.adapter import training, training_data
     from comfyui_iqa_adapter.nodes.train_host import HostBase
 

@@ -5,34 +5,22 @@ scripts/test.sh, which sets the host up first, so there nothing is absent.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import socket
-import sys
 import tempfile
 import urllib.request
 
 import pytest
+from support import third_party
+
+from comfyui_iqa_adapter.scripts import comfy_server as comfy_server_module  # (`comfy_server` is the fixture)
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 PACK_ROOT = TESTS_DIR.parent
 
 
-def _load_by_path(name: str, path: pathlib.Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_by_path("iqa_pack_loader", PACK_ROOT / "scripts" / "_pack.py").load_pack()
-comfy_server_module = _load_by_path("iqa_comfy_server", PACK_ROOT / "scripts" / "comfy_server.py")
 ComfyServer = comfy_server_module.ComfyServer
-third_party = _load_by_path("third_party", TESTS_DIR / "third_party.py")
 PromptRejected = comfy_server_module.PromptRejected
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
@@ -71,15 +59,7 @@ def host_version(host_dir) -> tuple[int, ...]:
 @pytest.fixture(scope="session")
 def comfy(host_dir):
     """The host's `comfy` package imported in this process, forced to CPU."""
-    if str(host_dir) not in sys.path:
-        sys.path.insert(0, str(host_dir))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before anything imports comfy.model_management
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
-
-    return comfy
+    return comfy_server_module.import_host(host_dir, cpu=True)
 
 
 @pytest.fixture(scope="session")

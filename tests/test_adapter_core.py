@@ -9,19 +9,14 @@ import os
 import pathlib
 import pickle
 import struct
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-from _pack import load_pack  # noqa: E402
-
-load_pack()
-from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, layers, projection, quality, synthetic  # noqa: E402
-from comfyui_iqa_adapter.models import adapters as catalog  # noqa: E402
-from comfyui_iqa_adapter.models import stats  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, layers, projection, quality, synthetic
+from comfyui_iqa_adapter.models import adapters as catalog
+from comfyui_iqa_adapter.models import stats
+from safetensors.torch import save_file
 
 AdapterFileError = checkpoint.AdapterFileError
 RECIPE = {"kind": "score", "metrics": ["topiq_nr", "laion_aes"], "use_flag": False, "pos_encode_L": 0}

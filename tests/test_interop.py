@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-import third_party
+from support import third_party
 from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 from safetensors.torch import save_file, load_file

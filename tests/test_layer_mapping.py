@@ -8,21 +8,12 @@ must produce exactly that sequence from the host's unet_config alone.
 """
 from __future__ import annotations
 
-import pathlib
 import re
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from _pack import load_pack  # noqa: E402
-
-load_pack()
-from comfyui_iqa_adapter.adapter import layers, synthetic  # noqa: E402
-
-HOST = ROOT / ".host" / "ComfyUI"
+from comfyui_iqa_adapter.adapter import layers, synthetic
 
 SD15_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -43,15 +34,8 @@ SDXL_CONFIG = dict(
 
 
 @pytest.fixture(scope="module")
-def host():
-    if not (HOST / "comfy" / "utils.py").is_file():
-        pytest.skip(f"SKIPPED LOUDLY: ComfyUI host not found at {HOST} (run scripts/setup.sh); "
-                    "cannot compare the layer order with the host's own key map")
-    if str(HOST) not in sys.path:
-        sys.path.insert(0, str(HOST))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+def host(comfy):
+    """The host's own key map is the reference for the layer order (the `comfy` fixture skips loudly without it)."""
     import comfy.model_detection
     import comfy.utils
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT, _load_by_path
+from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT
 from comfyui_iqa_adapter.adapter import sweep
 
 PYTHON = sys.executable
@@ -216,7 +216,7 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
 
 
 def test_cli_finds_nodes_and_complains_clearly():
-    cli = _load_by_path("iqa_sweep_cli", PACK_ROOT / "scripts" / "sweep.py")
+    from comfyui_iqa_adapter.scripts import sweep as cli
     from conftest import api_prompt_txt2img
     from comfyui_iqa_adapter.adapter import sweep_jobs
 

@@ -1,4 +1,4 @@
-"""Proof that the trained conditioning carries information (tests/trainer_signal.py has the experiment).
+"""Proof that the trained conditioning carries information (tests/support/trainer_signal.py has the experiment).
 
 After a short training on degraded crops of a real photo labelled by the weight-free `piqe`, the
 held-out denoising loss with the true quality vectors must be lower than with the vectors shuffled
@@ -23,7 +23,7 @@ def base(tiny_checkpoint):
 
 
 def test_true_quality_vectors_beat_shuffled_ones(base, tmp_path):
-    import trainer_signal
+    from support import trainer_signal
 
     result = trainer_signal.run(base, tmp_path, seed=0)
     print(f"held-out loss: true {result['loss_true']:.5f}, shuffled {result['loss_shuffled']:.5f}, "

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACK_ROOT = pathlib.Path(__file__).resolve().parents[2]
 IPADAPTER_ARCHIVE = "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"
 IPADAPTER_SHA256 = "2a06bb31cbdf84531d39004d607dd636603c9f07efa1eb4f0b6e7c736809b4f9"
 IPADAPTER_DIR = "ComfyUI_IPAdapter_plus"
