@@ -8,7 +8,6 @@ import math
 import os
 import pathlib
 import pickle
-import struct
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, layer
 from comfyui_iqa_adapter.models import adapters as catalog
 from comfyui_iqa_adapter.models import stats
 from safetensors.torch import save_file
+from support.bad_files import BAD_FILES, RunsCode
 
 AdapterFileError = checkpoint.AdapterFileError
 RECIPE = {"kind": "score", "metrics": ["topiq_nr", "laion_aes"], "use_flag": False, "pos_encode_L": 0}
@@ -127,70 +127,13 @@ def expect_file_error(path, *fragments):
     return message
 
 
-def test_truncated_safetensors(tmp_path):
-    path = save_st(tmp_path / "t.safetensors", small_dict(), None)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 100])
-    expect_file_error(path, "truncated")
-    path.write_bytes(data[:5])
-    expect_file_error(path, "truncated")
-
-
-def test_safetensors_header_lying_about_sizes(tmp_path):
-    path = tmp_path / "lie.safetensors"
-    header = json.dumps({"image_proj.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)  # 16 of the 256 bytes promised
-    expect_file_error(path, "image_proj.norm.weight", "data section has 16 bytes")
-    huge = struct.pack("<Q", 10**9) + b"{}"
-    path.write_bytes(huge)
-    expect_file_error(path, "header claims")
-    # Offsets consistent with the file but not with the shape.
-    header = json.dumps({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 16]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
-    expect_file_error(path, "'w'")
-
-
-def test_corrupt_header_and_garbage(tmp_path):
-    path = tmp_path / "g.safetensors"
-    path.write_bytes(struct.pack("<Q", 4) + b"nope" + b"\0" * 8)
-    expect_file_error(path, "not JSON")
-    bad_bin = tmp_path / "g.bin"
-    bad_bin.write_bytes(b"this is not a torch file at all")
-    expect_file_error(bad_bin, "cannot read torch file")
-
-
-def test_integer_dtype_rejected(tmp_path):
-    sd = small_dict()
-    sd["ip_adapter.3.to_k_ip.weight"] = torch.ones(48, 64, dtype=torch.int32)
-    expect_file_error(save_st(tmp_path / "i.safetensors", sd, None), "ip_adapter.3.to_k_ip.weight", "int32")
-
-
-def test_nan_rejected(tmp_path):
-    sd = small_dict()
-    sd["image_proj.proj.bias"][7] = float("nan")
-    expect_file_error(save_st(tmp_path / "n.safetensors", sd, None), "image_proj.proj.bias", "NaN")
-
-
-def test_missing_and_extra_layers(tmp_path):
-    sd = small_dict()
-    del sd["ip_adapter.3.to_k_ip.weight"], sd["ip_adapter.3.to_v_ip.weight"]
-    expect_file_error(save_st(tmp_path / "gap.safetensors", sd, None), "ip_adapter.3.to_k_ip.weight", "missing")
-    sd = small_dict()
-    sd["ip_adapter.2.to_k_ip.weight"] = torch.zeros(32, 64)
-    sd["ip_adapter.2.to_v_ip.weight"] = torch.zeros(32, 64)
-    expect_file_error(save_st(tmp_path / "even.safetensors", sd, None), "ip_adapter.2")
-    sd = small_dict()
-    del sd["ip_adapter.5.to_v_ip.weight"]
-    expect_file_error(save_st(tmp_path / "half.safetensors", sd, None), "ip_adapter.5.to_v_ip.weight")
-    sd = small_dict()
-    sd["ip_adapter.1.to_out_ip.weight"] = torch.zeros(32, 64)
-    expect_file_error(save_st(tmp_path / "odd.safetensors", sd, None), "ip_adapter.1.to_out_ip.weight")
-    sd = small_dict()
-    sd["image_proj.extra"] = torch.zeros(3)
-    expect_file_error(save_st(tmp_path / "proj.safetensors", sd, None), "image_proj.extra")
-    sd = small_dict()
-    sd["text_encoder.weight"] = torch.zeros(3)
-    expect_file_error(save_st(tmp_path / "other.safetensors", sd, None), "text_encoder.weight")
+@pytest.mark.parametrize("case", BAD_FILES, ids=lambda case: case.name)
+def test_bad_file_is_refused_with_a_clear_error(tmp_path, case):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / f"{case.name}{case.ext}"
+    path.write_bytes(case.build(small_dict(), str(marker)))
+    expect_file_error(path, *case.needles)
+    assert not marker.exists(), "SECURITY: reading the file ran code from its pickle"
 
 
 def test_an_extra_trailing_layer_is_a_custom_adapter_that_the_model_check_refuses(tmp_path):
@@ -203,52 +146,17 @@ def test_an_extra_trailing_layer_is_a_custom_adapter_that_the_model_check_refuse
         layers.check_layers_match(weights.info.layer_widths, 768, synthetic.SD15_LAYER_WIDTHS, 768)
 
 
-def test_shape_inconsistencies(tmp_path):
-    sd = small_dict()
-    sd["ip_adapter.3.to_v_ip.weight"] = torch.zeros(40, 64)
-    expect_file_error(save_st(tmp_path / "kv.safetensors", sd, None), "ip_adapter.3.to_v_ip.weight", "differs")
-    sd = small_dict()
-    sd["ip_adapter.1.to_k_ip.weight"], sd["ip_adapter.1.to_v_ip.weight"] = torch.zeros(32, 60), torch.zeros(32, 60)
-    expect_file_error(save_st(tmp_path / "c.safetensors", sd, None), "ip_adapter.1.to_k_ip.weight", "C=64")
-    sd = small_dict()
-    sd["image_proj.proj.weight"] = torch.zeros(100, 2)
-    sd["image_proj.proj.bias"] = torch.zeros(100)
-    expect_file_error(save_st(tmp_path / "nc.safetensors", sd, None), "image_proj.proj.weight", "multiple of C=64")
-
-
-def test_empty_file_and_directory(tmp_path):
-    empty = tmp_path / "empty.safetensors"
-    empty.write_bytes(b"")
-    expect_file_error(empty, "empty")
+def test_directory_and_absent_file(tmp_path):
     folder = tmp_path / "folder.safetensors"
     folder.mkdir()
     expect_file_error(folder, "directory")
     expect_file_error(tmp_path / "absent.bin", "not found")
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
-@pytest.mark.parametrize("ext", [".bin", ".pt"])
-def test_malicious_pickle_never_runs(tmp_path, ext):
+def test_the_pickle_payload_of_the_bad_files_really_runs_code(tmp_path):
+    """The control for the pickle cases above: unpickled without weights_only, the payload touches its marker."""
     marker = tmp_path / "PWNED"
-    path = tmp_path / f"evil{ext}"
-    payload = synthetic.nested_bin_layout(small_dict())
-    payload["image_proj"]["hook"] = _RunsCode(str(marker))
-    torch.save(payload, path)
-    raw = tmp_path / f"evil_raw{ext}"
-    raw.write_bytes(pickle.dumps(_RunsCode(str(marker))))
-    for candidate in (path, raw):
-        message = expect_file_error(candidate)
-        assert "refused" in message or "cannot read" in message
-        assert not marker.exists()
-    # Control: the payload really runs code when unpickled without weights_only.
-    pickle.loads(raw.read_bytes())
+    pickle.loads(pickle.dumps(RunsCode(str(marker))))
     assert marker.exists()
 
 
@@ -484,7 +392,7 @@ def test_quality_tokens_save_load(tmp_path):
         projection.QualityTokens.load(tmp_path / "linear.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\0\0\0\0\0\0\0garbage")
-    with pytest.raises(ValueError, match="cannot read|truncated|corrupt"):
+    with pytest.raises(ValueError, match="truncated or corrupt safetensors file: header claims 16 bytes"):
         projection.QualityTokens.load(junk)
 
 

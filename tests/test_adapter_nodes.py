@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
-import pickle
 
 import numpy as np
 import pytest
@@ -14,23 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import PromptRejected
-
-TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
-
-
-def adapter_graph(txt2img, targets="", target=99.0, weight=1.0, batch=1, prefix="iqa_nodes", adapter=TINY_ADAPTER,
-                  mode="percentile"):
-    """`target` is the percentile slider (quality 'custom')."""
-    graph = txt2img(batch=batch, prefix=prefix, steps=2)
-    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
-    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "quality": "custom", "percentile": target, "targets": targets, "mode": mode,
-        "negative_scale": 0.0}}
-    graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
-        "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": weight, "start_at": 0.0, "end_at": 1.0}}
-    graph["5"]["inputs"]["model"] = ["12", 0]
-    return graph
-
+from support.bad_files import BAD_FILES
+from support.graphs import TINY_ADAPTER, adapter_graph
 
 def pixels(server, result, node="7") -> list[np.ndarray]:
     assert result.ok, result.error_message()
@@ -40,21 +24,21 @@ def pixels(server, result, node="7") -> list[np.ndarray]:
 
 def test_workflow_runs_and_targets_change_the_image(comfy_server, txt2img):
     plain = pixels(comfy_server, comfy_server.run(txt2img(prefix="iqa_plain")))
-    high = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, prefix="iqa_high")))
-    low = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=1.0, prefix="iqa_low")))
-    zero = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, target=99.0, weight=0.0, prefix="iqa_zero")))
+    high = pixels(comfy_server, comfy_server.run(adapter_graph(target=99.0, prefix="iqa_high")))
+    low = pixels(comfy_server, comfy_server.run(adapter_graph(target=1.0, prefix="iqa_low")))
+    zero = pixels(comfy_server, comfy_server.run(adapter_graph(target=99.0, weight=0.0, prefix="iqa_zero")))
     assert len(high) == len(low) == 1
     assert np.abs(high[0] - low[0]).max() > 8, "target 99 and target 1 gave the same image"
     assert np.abs(high[0] - plain[0]).max() > 8, "the adapter had no effect"
     assert np.array_equal(zero[0], plain[0]), "weight 0 must reproduce the unpatched image bit-for-bit"
 
 
-def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
+def test_batch_of_four_targets_one_per_latent(comfy_server):
     rows = "topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1\ntopiq_nr=50, laion_aes=99; topiq_nr=99, laion_aes=1"
-    varied = pixels(comfy_server, comfy_server.run(adapter_graph(txt2img, targets=rows, batch=4, prefix="iqa_b4")))
+    varied = pixels(comfy_server, comfy_server.run(adapter_graph(targets=rows, batch=4, prefix="iqa_b4")))
     # Same batch, row 0's target everywhere: latent 0 keeps its image, latents 1..3 change.
     same = pixels(comfy_server, comfy_server.run(adapter_graph(
-        txt2img, targets=";".join(["topiq_nr=99, laion_aes=99"] * 4), batch=4, prefix="iqa_b4same")))
+        targets=";".join(["topiq_nr=99, laion_aes=99"] * 4), batch=4, prefix="iqa_b4same")))
     assert len(varied) == len(same) == 4
     assert np.abs(varied[0] - same[0]).max() <= 1, "latent 0 must only see target 0"
     for i in (1, 2, 3):
@@ -64,9 +48,9 @@ def test_batch_of_four_targets_one_per_latent(comfy_server, txt2img):
             assert not np.array_equal(varied[i], varied[j])
 
 
-def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
+def test_wrong_batch_size_is_an_execution_error(comfy_server):
     """A batch size the graph does not state literally (here: repeated latents) is checked when sampling."""
-    graph = adapter_graph(txt2img, targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1", batch=1,
+    graph = adapter_graph(targets="topiq_nr=99, laion_aes=99; topiq_nr=1, laion_aes=1", batch=1,
                           prefix="iqa_badbatch")
     graph["13"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 3}}
     graph["5"]["inputs"]["latent_image"] = ["13", 0]
@@ -82,9 +66,9 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server, txt2img):
     ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
     ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])
-def test_bad_targets_name_the_node_and_input(comfy_server, txt2img, targets, target, expected):
+def test_bad_targets_name_the_node_and_input(comfy_server, targets, target, expected):
     with pytest.raises(PromptRejected) as rejected:
-        comfy_server.queue(adapter_graph(txt2img, targets=targets, target=target, prefix="iqa_badtarget"))
+        comfy_server.queue(adapter_graph(targets=targets, target=target, prefix="iqa_badtarget"))
     assert expected in str(rejected.value), rejected.value
 
 
@@ -101,64 +85,58 @@ def test_a_row_naming_some_metrics_takes_the_rest_from_the_slider(comfy, tiny_ch
     assert torch.equal(preset.args[0].cond, slider.args[0].cond)
 
 
-@pytest.fixture
-def bad_adapters(comfy_server, host_dir, tmp_path):
-    folder = pathlib.Path(comfy_server.models_dir) / "iqa_adapter"
-    good = folder / TINY_ADAPTER
-    created = []
+@pytest.fixture(scope="module")
+def tiny_state(host_dir):
+    """A valid state dict with the tiny adapter's shapes: what the bad files are made from."""
+    from comfyui_iqa_adapter.adapter import checkpoint, synthetic
 
-    def add(name: str, data: bytes, sidecar: str | None = None):
-        path = folder / name
-        path.write_bytes(data)
-        created.append(path)
-        if sidecar is not None:
-            side = path.with_suffix(".json")
-            side.write_text(sidecar)
-            created.append(side)
-        return name
+    info = checkpoint.load_adapter_weights(host_dir / "models" / "iqa_adapter" / TINY_ADAPTER).info
+    return synthetic.random_adapter_state_dict(info.cross_attention_dim, list(info.layer_widths),
+                                               num_tokens=info.num_tokens, input_dim=info.input_dim,
+                                               projection_kind=info.projection_kind, seed=0)
 
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=lambda case: case.name)
+def test_bad_adapter_file_is_an_execution_error(comfy_server, model_files, tiny_state, tmp_path, case):
+    """The core's bad-file matrix (tests/support/bad_files.py) through the server: the loader names itself, the
+    input and the file, says what is wrong, runs no pickled code, and the server lives on."""
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
-    sidecar = (folder / "tiny_sd15_iqa_adapter.json").read_text()
-    cases = {
-        "wrong_metrics": (add("iqa_test_wrong_metrics.safetensors", good.read_bytes(),
-                              '{"kind": "score", "metrics": ["topiq_nr", "laion_aes", "musiq"], "normalization": "zscore"}'),
-                          "size 2"),
-        "truncated": (add("iqa_test_truncated.safetensors", good.read_bytes()[: good.stat().st_size // 2], sidecar),
-                      "truncated"),
-        "pickle": (add("iqa_test_malicious.bin", pickle.dumps({"image_proj": Exploit()}), sidecar), "refused"),
-    }
-    yield cases, marker
-    for path in created:
-        path.unlink(missing_ok=True)
+    name = f"iqa_test_bad_{case.name}{case.ext}"
+    model_files.path("iqa_adapter", name).write_bytes(case.build(tiny_state, str(marker)))
+    descriptor = (comfy_server.models_dir / "iqa_adapter" / TINY_ADAPTER).with_suffix(".json").read_text()
+    model_files.path("iqa_adapter", pathlib.Path(name).stem + ".json").write_text(descriptor)
+    result = comfy_server.run(adapter_graph(adapter=name, prefix=f"iqa_bad_{case.name}"))
+    assert not result.ok, case.name
+    message = result.error_message()
+    assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
+    assert name in message and all(needle in message for needle in case.needles), message
+    assert not marker.exists(), "SECURITY: loading the file ran code from its pickle"
+    assert comfy_server.alive()
 
 
-def test_bad_adapter_files_are_execution_errors(comfy_server, txt2img, bad_adapters):
-    cases, marker = bad_adapters
-    for case, (name, expected) in cases.items():
-        result = comfy_server.run(adapter_graph(txt2img, adapter=name, prefix=f"iqa_bad_{case}"))
-        assert not result.ok, case
-        message = result.error_message()
-        assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
-        assert name in message and expected in message, message
-        assert comfy_server.alive()
-    assert not marker.exists(), "the malicious pickle ran code"
-    # The server still works after the errors.
-    assert comfy_server.run(adapter_graph(txt2img, prefix="iqa_after_errors")).ok
+def test_descriptor_of_another_size_is_an_execution_error(comfy_server, model_files):
+    good = comfy_server.models_dir / "iqa_adapter" / TINY_ADAPTER
+    name = "iqa_test_wrong_metrics.safetensors"
+    model_files.path("iqa_adapter", name).write_bytes(good.read_bytes())
+    model_files.path("iqa_adapter", "iqa_test_wrong_metrics.json").write_text(
+        '{"kind": "score", "metrics": ["topiq_nr", "laion_aes", "musiq"], "normalization": "zscore"}')
+    result = comfy_server.run(adapter_graph(adapter=name, prefix="iqa_bad_wrong_metrics"))
+    assert not result.ok
+    message = result.error_message()
+    assert message.startswith("IQAAdapterLoader: Load Quality Adapter: adapter_name:"), message
+    assert name in message and "size 2" in message, message
+    # The server still works after the error.
+    assert comfy_server.run(adapter_graph(prefix="iqa_after_errors")).ok
 
 
-def test_tokens_save_and_load_roundtrip(comfy_server, txt2img):
-    graph = adapter_graph(txt2img, targets="topiq_nr=95, laion_aes=5", prefix="iqa_tokens_direct")
+def test_tokens_save_and_load_roundtrip(comfy_server):
+    graph = adapter_graph(targets="topiq_nr=95, laion_aes=5", prefix="iqa_tokens_direct")
     graph["13"] = {"class_type": "IQAAdapterSaveTokens", "inputs": {"tokens": ["11", 0],
                                                                     "filename_prefix": "iqa_test_tokens/t"}}
     direct = comfy_server.run(graph)
     saved = direct.outputs["13"]["tokens"][0]
     assert saved["filename"].endswith(".safetensors")
-    loaded_graph = adapter_graph(txt2img, prefix="iqa_tokens_loaded")
+    loaded_graph = adapter_graph(prefix="iqa_tokens_loaded")
     loaded_graph["11"] = {"class_type": "IQAAdapterLoadTokens",
                           "inputs": {"file": f"{saved['subfolder']}/{saved['filename']} [output]"}}
     loaded = comfy_server.run(loaded_graph)
@@ -188,7 +166,7 @@ def test_apply_node_leaves_the_input_model_untouched(comfy, tiny_checkpoint, hos
     assert adapter_nodes.IQAAdapterLoader.execute(TINY_ADAPTER).args[0] is adapter
 
 
-def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, txt2img):
+def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, model_files):
     """Same weights file, sidecar changed between prompts (same size and mtime): the node re-runs and the
     loaded adapter carries the new descriptor, exactly as a fresh load of that descriptor would."""
     import os
@@ -201,35 +179,30 @@ def test_loader_follows_an_edited_broken_or_deleted_sidecar(comfy_server, txt2im
     swapped = json.dumps(dict(descriptor, metrics=descriptor["metrics"][::-1]))
     assert swapped != original and len(swapped) == len(original)
     stem = f"iqa_test_sidecar_{uuid.uuid4().hex[:8]}"
-    edited, fresh = folder / f"{stem}.safetensors", folder / f"{stem}_fresh.safetensors"
-    created = [edited, fresh, edited.with_suffix(".json"), fresh.with_suffix(".json")]
+    edited, fresh = (model_files.path("iqa_adapter", f"{stem}{suffix}.safetensors") for suffix in ("", "_fresh"))
     targets = "topiq_nr=95, laion_aes=5"
-    try:
-        for path, text in ((edited, original), (fresh, swapped)):
-            path.write_bytes(good.read_bytes())
-            path.with_suffix(".json").write_text(text)
-        side = edited.with_suffix(".json")
-        stat = side.stat()
+    for path, text in ((edited, original), (fresh, swapped)):
+        path.write_bytes(good.read_bytes())
+        model_files.track(path.with_suffix(".json")).write_text(text)
+    side = edited.with_suffix(".json")
+    stat = side.stat()
 
-        def run(name, prefix):
-            return comfy_server.run(adapter_graph(txt2img, targets=targets, adapter=name, prefix=prefix))
+    def run(name, prefix):
+        return comfy_server.run(adapter_graph(targets=targets, adapter=name, prefix=prefix))
 
-        first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
-        side.write_text(swapped)
-        os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        after_edit = pixels(comfy_server, run(edited.name, "iqa_sidecar_edited"))[0]
-        reference = pixels(comfy_server, run(fresh.name, "iqa_sidecar_fresh"))[0]
-        assert np.abs(after_edit - first).max() > 8, "the edited metric order was ignored (stale descriptor)"
-        assert np.array_equal(after_edit, reference), "the edited sidecar must load as a fresh one does"
+    first = pixels(comfy_server, run(edited.name, "iqa_sidecar_first"))[0]
+    side.write_text(swapped)
+    os.utime(side, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after_edit = pixels(comfy_server, run(edited.name, "iqa_sidecar_edited"))[0]
+    reference = pixels(comfy_server, run(fresh.name, "iqa_sidecar_fresh"))[0]
+    assert np.abs(after_edit - first).max() > 8, "the edited metric order was ignored (stale descriptor)"
+    assert np.array_equal(after_edit, reference), "the edited sidecar must load as a fresh one does"
 
-        side.write_text('{"metrics": ["topiq_nr", ')
-        broken = run(edited.name, "iqa_sidecar_broken")
-        assert not broken.ok and "invalid JSON" in broken.error_message(), broken.error_message()
-        side.unlink()
-        deleted = run(edited.name, "iqa_sidecar_deleted")
-        assert not deleted.ok and "no descriptor" in deleted.error_message(), deleted.error_message()
-        side.write_text(original)
-        assert np.array_equal(pixels(comfy_server, run(edited.name, "iqa_sidecar_restored"))[0], first)
-    finally:
-        for path in created:
-            path.unlink(missing_ok=True)
+    side.write_text('{"metrics": ["topiq_nr", ')
+    broken = run(edited.name, "iqa_sidecar_broken")
+    assert not broken.ok and "invalid JSON" in broken.error_message(), broken.error_message()
+    side.unlink()
+    deleted = run(edited.name, "iqa_sidecar_deleted")
+    assert not deleted.ok and "no descriptor" in deleted.error_message(), deleted.error_message()
+    side.write_text(original)
+    assert np.array_equal(pixels(comfy_server, run(edited.name, "iqa_sidecar_restored"))[0], first)

@@ -21,6 +21,8 @@ from test_workflows import tiny_assets  # noqa: F401 - fixture: tiny metric weig
 
 from comfyui_iqa_adapter.scripts import workflow_tools
 
+pytestmark = pytest.mark.browser
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = os.environ.get("IQA_CHROMIUM", "/usr/bin/chromium")

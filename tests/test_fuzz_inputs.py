@@ -28,6 +28,7 @@ from comfyui_iqa_adapter.adapter import errors, projection  # noqa: E402
 
 from conftest import TINY_ADAPTER  # noqa: E402
 
+pytestmark = pytest.mark.fuzz
 MEMORY_BOUND_MIB = 512
 MESSAGE_BOUND = errors.MESSAGE_LIMIT + 200
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True,

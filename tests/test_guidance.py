@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 import tempfile
 
@@ -314,34 +313,32 @@ def test_clear_errors(setup):
 # Real server: everything runs under torch.inference_mode there
 # ----------------------------------------------------------------------------------------------------
 
-def _ensure_server_metric_weights(host_dir: pathlib.Path, name: str) -> None:
-    """Generated weights for `name` in the host's models/iqa (written once, atomically; kept if present)."""
+def _install_server_metric_weights(model_files, name: str) -> None:
+    """Generated weights for `name` in the host's models/iqa (moved in atomically) unless weights are there;
+    what this writes is removed after the test."""
     iqa_models = pytest.importorskip("comfyui_iqa_adapter.adapter.iqa_models")
-    folder = host_dir / "models" / "iqa"
+    folder = model_files.models_dir / "iqa"
     folder.mkdir(parents=True, exist_ok=True)
     needed = iqa_models.expected_weight_files(name)
     if all((folder / f).exists() or (folder / (os.path.splitext(f)[0] + ".safetensors")).exists() for f in needed):
         return
-    staging = tempfile.mkdtemp(prefix="iqa-guidance-weights-", dir=str(folder.parent))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        written = iqa_models.write_random_weights(name, staging, seed=0)
-    for path in written:
-        target = folder / os.path.basename(path)
-        if not target.exists():
-            os.replace(path, target)
-    for leftover in os.listdir(staging):
-        os.remove(os.path.join(staging, leftover))
-    os.rmdir(staging)
+    with tempfile.TemporaryDirectory(prefix="iqa-guidance-weights-", dir=str(folder.parent)) as staging:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            written = iqa_models.write_random_weights(name, staging, seed=0)
+        for path in written:
+            target = folder / os.path.basename(path)
+            if not target.exists():
+                os.replace(path, model_files.track(target))
 
 
-def test_guidance_through_the_real_server(comfy_server, host_dir, txt2img):
+def test_guidance_through_the_real_server(comfy_server, model_files, txt2img):
     info = comfy_server.object_info()
     if "IQAMetricLoader" not in info:
         pytest.skip("SKIPPED LOUDLY: node IQAMetricLoader (nodes/metric_nodes.py) is not registered; "
                     "the server guidance test needs it to load a differentiable metric")
     assert "IQAGradientGuidance" in info
-    _ensure_server_metric_weights(host_dir, "cnniqa")
+    _install_server_metric_weights(model_files, "cnniqa")
 
     plain = txt2img(seed=3, steps=3, prefix="guidance_plain")
     steered = txt2img(seed=3, steps=3, prefix="guidance_steered")

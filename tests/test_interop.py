@@ -18,6 +18,7 @@ from support import third_party
 from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 from safetensors.torch import save_file, load_file
+from support.graphs import TINY_CHECKPOINT, encode_target
 from test_adapter_patch import SD15_SMALL, SDXL_SMALL, build_small_model, forward
 
 # IPAdapter_plus decides SDXL (3-part keys) from a 2048-wide context; SD1.5 keys otherwise.
@@ -184,7 +185,6 @@ def test_older_fork_set_new_condition_in_either_order(comfy, adapter_patch):
 def _tiny_ip_adapter_file(host_dir: pathlib.Path, path: pathlib.Path) -> None:
     """A random SD1.5 IP-Adapter whose layers fit the tiny checkpoint where IPAdapter_plus's SD1.5 key walk
     meets it (input 1, output 3); the other layers keep SD1.5 widths (the host never calls them)."""
-    from conftest import TINY_CHECKPOINT
 
     unet = {k: v.shape for k, v in load_file(str(host_dir / "models" / "checkpoints" / TINY_CHECKPOINT)).items()
             if k.endswith("attn2.to_k.weight")}
@@ -202,10 +202,7 @@ def _graph(txt2img, ip_file, pos, neg, prefix, orders):
     graph = txt2img(prefix=prefix, steps=2)
     for node in ("6", "7", "5"):
         del graph[node]
-    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "tiny_sd15_iqa_adapter.safetensors"}}
-    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "quality": "custom", "percentile": 99.0, "targets": "topiq_nr=95, laion_aes=5",
-        "mode": "percentile", "negative_scale": 0.0}}
+    graph.update(encode_target(targets="topiq_nr=95, laion_aes=5", target=99.0))
     graph["20"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": ip_file}}
     graph["21"] = {"class_type": "IPAdapterLoadEmbeds", "inputs": {"embeds": pos}}
     graph["22"] = {"class_type": "IPAdapterLoadEmbeds", "inputs": {"embeds": neg}}

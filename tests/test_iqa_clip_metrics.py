@@ -18,24 +18,15 @@ pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (req
 pytest.importorskip("clip", reason="SKIPPED LOUDLY: the openai 'clip' package (pyiqa dependency) is not installed")
 
 from comfyui_iqa_adapter.adapter import iqa_models  # noqa: E402
+from support.bad_files import RunsCode  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("isolated_metric_caches")
 
 LAION_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
 CLIPIQA_PLUS_PROMPTS = "CLIP-IQA+_learned_prompts-603f3273.pth"
 # official layout (embed 768 for laion_aes' head), tiny widths: seconds instead of minutes
 TINY_VIT_L14 = dict(vision_width=64, vision_layers=2, transformer_width=64, transformer_heads=1, transformer_layers=1)
 TINY_VIT_B32 = dict(vision_width=64, vision_layers=2, transformer_width=64, transformer_heads=1, transformer_layers=1)
-
-
-@pytest.fixture(autouse=True)
-def isolated_caches(tmp_path, monkeypatch):
-    # neither pyiqa's cache (torch hub dir) nor clip's (~/.cache/clip) may leak real files into the test
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    iqa_models.clear_metric_cache()
-    yield
-    iqa_models.clear_metric_cache()
-
-
 
 
 @pytest.fixture(scope="module")
@@ -189,19 +180,11 @@ def test_liqe_text_features_come_from_the_loaded_weights(tmp_path):
     assert (feature_cache.stat().st_mtime if feature_cache.exists() else None) == cache_before
 
 
-class _PlantsMarker:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
 def test_malicious_clip_pickle_is_never_executed(tmp_path, network_attempts):
     marker = tmp_path / "PWNED"
     user = tmp_path / "iqa"
     user.mkdir()
-    torch.save({"visual.proj": torch.zeros(1), "evil": _PlantsMarker(str(marker))}, user / "ViT-L-14.pt")
+    torch.save({"visual.proj": torch.zeros(1), "evil": RunsCode(str(marker))}, user / "ViT-L-14.pt")
     with pytest.raises(iqa_models.UnsafeWeightsError, match="could not be read safely"):
         iqa_models.load_metric("laion_aes", [str(user)], "cpu")
     assert not marker.exists()

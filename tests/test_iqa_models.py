@@ -18,17 +18,11 @@ pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (req
 
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, reference, synthetic  # noqa: E402
 from comfyui_iqa_adapter.models import metrics as catalog  # noqa: E402
+from support.bad_files import RunsCode  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("isolated_metric_caches")
 
 CNNIQA_FILE = "CNNIQA_koniq10k-e6f14c91.pth"
-
-
-@pytest.fixture(autouse=True)
-def isolated_torch_home(tmp_path, monkeypatch):
-    # pyiqa's own cache (torch hub dir/pyiqa) must not leak real files into the test
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    iqa_models.clear_metric_cache()
-    yield
-    iqa_models.clear_metric_cache()
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +143,11 @@ def test_safetensors_copy_is_accepted(weights_dir, tmp_path):
     torch.testing.assert_close(from_st, from_pth, atol=0, rtol=0)
 
 
-class _PlantsMarker:
-    """Unpickling this object would run os.system / open a file: the safe loader must refuse it."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
 def test_pickle_payload_is_never_executed(tmp_path):
     marker = tmp_path / "PWNED"
     user = tmp_path / "iqa"
     user.mkdir()
-    torch.save({"params": {"conv1.weight": torch.zeros(1)}, "evil": _PlantsMarker(str(marker))}, user / CNNIQA_FILE)
+    torch.save({"params": {"conv1.weight": torch.zeros(1)}, "evil": RunsCode(str(marker))}, user / CNNIQA_FILE)
     with pytest.raises(iqa_models.UnsafeWeightsError, match="could not be read safely"):
         iqa_models.load_metric("cnniqa", [str(user)], "cpu")
     assert not marker.exists()
@@ -189,6 +173,23 @@ def test_catalog_order_and_directions():
     assert catalog.metric_info("liqe").score_range == (1.0, 5.0)
     assert catalog.metric_info("lpips").lower_better and catalog.metric_info("lpips").is_full_reference
     assert not any(catalog.metric_info(name).lower_better for name in catalog.PAPER_METRICS)
+
+
+def test_catalog_file_agrees_with_the_installed_pyiqa():
+    """models/metric_catalog.json stands in for pyiqa's registry at server start: it must say what pyiqa says
+    (rebuild it with scripts/metric_catalog.py after a pyiqa upgrade)."""
+    import pyiqa
+
+    from comfyui_iqa_adapter.scripts import metric_catalog
+
+    stored = json.loads(catalog.CATALOG_FILE.read_text())
+    assert stored["pyiqa"] == pyiqa.__version__
+    live = metric_catalog.registry()
+    assert list(stored["metrics"]) == list(live)
+    for name, entry in live.items():
+        assert {key: stored["metrics"][name][key] for key in entry} == entry, name
+    # the weight files of the paper's default metric, as pyiqa names them
+    assert stored["metrics"]["topiq_nr"]["files"] == iqa_models.expected_weight_files("topiq_nr", [])
 
 
 # ---------------------------------------------------------------- reference encoding

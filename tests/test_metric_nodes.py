@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, synthetic  # noqa: E402
-from conftest import TINY_CHECKPOINT, api_prompt_txt2img  # noqa: E402
+from support.graphs import TINY_CHECKPOINT, txt2img  # noqa: E402
 
 
 def _write_png(path, seed: int, smooth: bool = False):
@@ -39,11 +39,17 @@ def test_metric_loader_offers_ready_then_paper_metrics_first(comfy_server):
     options = info["IQAMetricLoader"]["input"]["required"]["metric"]
     names = options[1]["options"] if isinstance(options[1], dict) and "options" in options[1] else options[0]
     from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.models import metrics as metric_catalog
     from comfyui_iqa_adapter.models.metrics import PAPER_METRICS
 
     folder = [str(comfy_server.models_dir / "iqa")]
     ready = [n for n in names if iqa_models.missing_weight_files(n, folder, plan=False) == []]
-    assert "piqe" in ready and names.index("piqe") < names.index("topiq_nr-flive") or "topiq_nr-flive" in ready
+    assert "piqe" in ready  # weight-free
+    full_reference = [metric_catalog.is_full_reference(n) for n in names]
+    assert full_reference == sorted(full_reference), "no-reference metrics come before full-reference ones"
+    for group in (False, True):
+        loads = [n in ready for n, fr in zip(names, full_reference) if fr == group]
+        assert loads == sorted(loads, reverse=True), f"in each group the metrics that load here come first: {names}"
     missing_paper = [n for n in names if n in PAPER_METRICS and n not in ready]
     assert missing_paper == [n for n in PAPER_METRICS if n not in ready], "the paper's metrics keep their order"
 
@@ -135,14 +141,16 @@ def test_score_node_reports_missing_reference(comfy_server):
 
 
 @pytest.fixture(scope="module")
-def reference_setup(comfy_server):
+def reference_setup(comfy_server, module_model_files):
     """cnniqa weights in models/iqa and a reference-kind tiny adapter (+ a score-kind one) in models/iqa_adapter."""
     from safetensors.torch import save_file
 
-    models = comfy_server.models_dir
-    iqa_models.write_random_weights("cnniqa", str(models / "iqa"), seed=11, noise=0.1)
-    adapter_dir = models / "iqa_adapter"
-    adapter_dir.mkdir(exist_ok=True)
+    files = module_model_files
+    iqa_dir = files.models_dir / "iqa"
+    present = {path.name for path in iqa_dir.iterdir()} if iqa_dir.is_dir() else set()
+    iqa_models.write_random_weights("cnniqa", str(iqa_dir), seed=11, noise=0.1)
+    files.track_new("iqa", present)
+    adapter_dir = files.models_dir / "iqa_adapter"
     stem = "test_reference_tiny_sd15"
     # the tiny UNet's cross-attention widths, read from the score adapter that setup generated for it
     tiny_adapter = adapter_dir / "tiny_sd15_iqa_adapter.safetensors"
@@ -152,13 +160,13 @@ def reference_setup(comfy_server):
     state = synthetic.random_adapter_state_dict(768, widths, num_tokens=2, input_dim=50, seed=3)
     # large projection weights so that the tiny model's image visibly depends on the tokens
     state["image_proj.proj.weight"] = state["image_proj.proj.weight"] * 20
-    save_file(state, str(adapter_dir / f"{stem}.safetensors"))
-    (adapter_dir / f"{stem}.json").write_text(json.dumps(
+    save_file(state, str(files.path("iqa_adapter", f"{stem}.safetensors")))
+    files.path("iqa_adapter", f"{stem}.json").write_text(json.dumps(
         {"kind": "reference", "extractor": {"model": "cnniqa", "layers": ["conv1"], "pooling": "avg", "dim": 50}}))
     score_stem = "test_reference_score_kind"
     save_file(synthetic.random_adapter_state_dict(768, widths, input_dim=2),
-              str(adapter_dir / f"{score_stem}.safetensors"))
-    (adapter_dir / f"{score_stem}.json").write_text(json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
+              str(files.path("iqa_adapter", f"{score_stem}.safetensors")))
+    files.path("iqa_adapter", f"{score_stem}.json").write_text(json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
     names = [f"ref_{uuid.uuid4().hex[:8]}_{i}.png" for i in range(2)]
     _write_png(comfy_server.input_dir / names[0], seed=1)
     _write_png(comfy_server.input_dir / names[1], seed=2, smooth=True)
@@ -166,7 +174,7 @@ def reference_setup(comfy_server):
 
 
 def _reference_prompt(adapter_name: str, image_name: str, prefix: str) -> dict:
-    prompt = api_prompt_txt2img(ckpt=TINY_CHECKPOINT, steps=2, prefix=prefix)
+    prompt = txt2img(ckpt=TINY_CHECKPOINT, steps=2, prefix=prefix)
     prompt.update({
         "10": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter_name}},
         "11": {"class_type": "IQAMetricLoader", "inputs": {"metric": "cnniqa", "device": "cpu", "differentiable": False}},
@@ -194,7 +202,7 @@ def test_reference_encoder_drives_sampling(comfy_server, reference_setup):
     assert a.ok, a.error_message()
     b = comfy_server.run(_reference_prompt(adapter_name, second, "iqa_ref_b"), timeout=600)
     assert b.ok, b.error_message()
-    plain = comfy_server.run(api_prompt_txt2img(ckpt=TINY_CHECKPOINT, steps=2, prefix="iqa_ref_plain"), timeout=600)
+    plain = comfy_server.run(txt2img(ckpt=TINY_CHECKPOINT, steps=2, prefix="iqa_ref_plain"), timeout=600)
     assert plain.ok, plain.error_message()
     pa, pb, pp = (_saved_pixels(comfy_server, r) for r in (a, b, plain))
     assert np.abs(pa - pp).max() > 0, "the reference tokens did not change the image"

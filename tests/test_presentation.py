@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import api_prompt_txt2img
+from support.graphs import txt2img
 
 
 def _graph_module():
@@ -15,7 +15,7 @@ def _graph_module():
 
 
 def quality_prompt(batch):
-    prompt = api_prompt_txt2img(batch=batch, seed=42, text="a red bicycle")
+    prompt = txt2img(batch=batch, seed=42, text="a red bicycle")
     prompt["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "a.safetensors"}}
     prompt["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {"adapter": ["10", 0], "targets": "x"}}
     prompt["12"] = {"class_type": "IQAAdapterApply", "inputs": {"model": ["13", 0], "adapter": ["10", 0],

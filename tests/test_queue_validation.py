@@ -1,8 +1,8 @@
 """Mistakes an artist makes are refused when the prompt is queued (HTTP 400 from /prompt, naming the node
 and the input), before any model is loaded: through the real server, on whichever host is installed.
 
-Where a host checks a combo value itself before the node's own check (newer hosts refuse values not in
-the list), the test accepts the host's refusal and asserts the pack's wording only where its own check ran.
+Every input checked here is one the node validates itself, so both hosts (0.3.75 and 0.33.0) leave it to the
+pack's check (0.33.0 refuses other combo values itself: test_host_contract.py) and the pack's wording is pinned.
 """
 from __future__ import annotations
 
@@ -10,34 +10,22 @@ import copy
 
 import pytest
 
-from conftest import TINY_ADAPTER, PromptRejected, api_prompt_txt2img
+from conftest import PromptRejected
+from support.graphs import TINY_ADAPTER, add_score, adapter_graph, txt2img
 
 PACK_CHECK = "custom_validation_failed"
 
 
-def quality_graph(targets="", quality="best", percentile=99.0, mode="percentile", batch=1, start_at=0.0,
-                  end_at=1.0, adapter=TINY_ADAPTER):
-    graph = api_prompt_txt2img(batch=batch)
-    graph["10"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter}}
-    graph["11"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["10", 0], "quality": quality, "percentile": percentile, "targets": targets, "mode": mode,
-        "negative_scale": 0.0}}
-    graph["12"] = {"class_type": "IQAAdapterApply", "inputs": {
-        "model": ["1", 0], "adapter": ["10", 0], "tokens": ["11", 0], "weight": 1.0, "start_at": start_at,
-        "end_at": end_at}}
-    graph["5"]["inputs"]["model"] = ["12", 0]
-    return graph
+def quality_graph(quality="best", percentile=99.0, **kwargs):
+    """The adapter graph as an artist leaves it: a preset chosen, the slider at 99."""
+    return adapter_graph(quality=quality, target=percentile, prefix="iqa_test", **kwargs)
 
 
 def score_graph(metric):
     """Scores the decoded image; the only output node (a prompt with one valid output still runs)."""
-    graph = api_prompt_txt2img()
+    graph = txt2img()
     del graph["7"]
-    graph["20"] = {"class_type": "IQAMetricLoader", "inputs": {"metric": metric, "device": "cpu",
-                                                               "differentiable": False}}
-    graph["21"] = {"class_type": "IQAScore", "inputs": {"images": ["6", 0], "metric": ["20", 0], "chunk_size": 8,
-                                                        "save_rows": "none", "filename_prefix": "iqa_scores/s"}}
-    return graph
+    return add_score(graph, ["6", 0], metric=metric, prefix="iqa_scores/s")
 
 
 def sweep_graph(start=1.0, stop=99.0, steps=4, batch=4):
@@ -64,10 +52,9 @@ def node_error(body: dict, node_id: str, input_name: str) -> tuple[str, str]:
     raise AssertionError(f"no error on node {node_id} input {input_name!r}: {body}")
 
 
-def pack_message(body, node_id, input_name, display_name) -> str | None:
+def pack_message(body, node_id, input_name, display_name) -> str:
     kind, text = node_error(body, node_id, input_name)
-    if kind != PACK_CHECK:
-        return None
+    assert kind == PACK_CHECK, (kind, text)
     assert f"{display_name}: {input_name}:" in text, text
     assert "{" not in text and "[" not in text, f"a Python repr leaked into the message: {text}"
     return text
@@ -76,22 +63,20 @@ def pack_message(body, node_id, input_name, display_name) -> str | None:
 def test_missing_adapter_file_lists_what_is_there(comfy_server):
     body = rejection(comfy_server, quality_graph(adapter="tiny_sd15_iqa_adaptr.safetensors"))
     text = pack_message(body, "10", "adapter_name", "Load Quality Adapter")
-    if text is not None:
-        assert TINY_ADAPTER in text and "did you mean" in text, text
+    assert TINY_ADAPTER in text and "did you mean" in text, text
 
 
 def test_unknown_metric_name_in_targets_suggests_the_right_one(comfy_server):
     body = rejection(comfy_server, quality_graph(targets="topiq_nrr=90, laion_aes=50", quality="custom",
                                                  percentile=50.0))
     text = pack_message(body, "11", "targets", "Quality Target")
-    assert text is not None and "'topiq_nrr'" in text and "did you mean 'topiq_nr'" in text, text
+    assert "'topiq_nrr'" in text and "did you mean 'topiq_nr'" in text, text
 
 
 def test_unknown_metric_name_in_loader(comfy_server):
     body = rejection(comfy_server, score_graph("topiq_nrr"))
     text = pack_message(body, "20", "metric", "Load Quality Metric")
-    if text is not None:
-        assert "did you mean 'topiq_nr'" in text, text
+    assert "did you mean 'topiq_nr'" in text, text
 
 
 def test_metric_weights_not_installed_names_file_and_folder(comfy_server):
@@ -103,7 +88,7 @@ def test_metric_weights_not_installed_names_file_and_folder(comfy_server):
         pytest.skip("SKIPPED LOUDLY: topiq_nr's weights are installed on this machine, nothing is missing")
     body = rejection(comfy_server, score_graph("topiq_nr"))
     text = pack_message(body, "20", "metric", "Load Quality Metric")
-    assert text is not None and missing[0] in text and folder in text, text
+    assert missing[0] in text and folder in text, text
     assert "piqe" in text, "names metrics that need no file"
 
 
@@ -128,7 +113,6 @@ def test_mistake_refused_at_queue_time(comfy_server, node_id, graph, input_name)
     display = {"IQAAdapterApply": "Apply Quality Adapter", "IQAAdapterEncodeTarget": "Quality Target",
                "IQATargetSweep": "Quality Target Sweep"}[graph[node_id]["class_type"]]
     text = pack_message(body, node_id, input_name, display)
-    assert text is not None, body
     if "rows" in text or "batch" in text:
         assert "count" in text, text
 

@@ -177,9 +177,9 @@ def test_wrong_batch_is_refused_at_queue_time(comfy_server):
 
 @pytest.mark.timeout(900)
 def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
-    from conftest import api_prompt_target_sweep
+    from support.graphs import target_sweep_workflow
 
-    workflow = api_prompt_target_sweep(steps=2)
+    workflow = target_sweep_workflow(steps=2)
     path = tmp_path / "workflow_api.json"
     path.write_text(json.dumps(workflow))
     out = tmp_path / "sweep"
@@ -217,10 +217,10 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
 
 def test_cli_finds_nodes_and_complains_clearly():
     from comfyui_iqa_adapter.scripts import sweep as cli
-    from conftest import api_prompt_txt2img
+    from support.graphs import txt2img
     from comfyui_iqa_adapter.adapter import sweep_jobs
 
-    graph = api_prompt_txt2img()
+    graph = txt2img()
     assert cli.find_prompt_node(graph) == "2"  # wired to the sampler's positive input
     graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {"targets": "x", "percentile": 1.0, "mode": "raw"}}
     batch = sweep_jobs.plan("w", ["a dog"], [11], [25.0], "percentile", None, [], 1)[0]

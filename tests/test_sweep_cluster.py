@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, api_prompt_target_sweep
+from conftest import PACK_ROOT
+from support.graphs import target_sweep_workflow
 
 ray = pytest.importorskip("ray", reason="Ray is an optional dependency: pip install -r requirements-dev.txt")
 
@@ -62,7 +63,7 @@ def _finish(process, timeout=1800) -> tuple[int, str, str]:
 @pytest.mark.timeout(3600)
 def test_ray_sweep_survives_a_dead_server_and_matches_one_server(tmp_path):
     workflow = tmp_path / "workflow_api.json"
-    workflow.write_text(json.dumps(api_prompt_target_sweep(steps=2, size=64)))
+    workflow.write_text(json.dumps(target_sweep_workflow(steps=2, size=64)))
     common = [PYTHON, str(PACK_ROOT / "scripts" / "sweep.py"), str(workflow), "--targets", TARGETS,
               "--prompts", *PROMPTS, "--batch-size", "3", "--metric", "piqe", "--quiet"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from comfyui_iqa_adapter.adapter import sweep_jobs
 from comfyui_iqa_adapter.adapter.sweep_jobs import Batch, ResultStore, SweepError
-from conftest import api_prompt_txt2img
+from support.graphs import adapter_graph
 
 WF = "w" * 64
 
@@ -46,35 +46,27 @@ def test_plan_batches_per_prompt_and_seed_in_fixed_chunks():
         sweep_jobs.plan(WF, ["p"], [1], [50], "percentile", None, [], 0)
 
 
-def _adapter_graph():
-    graph = api_prompt_txt2img()
-    graph["a"] = {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": "x.safetensors"}}
-    graph["t"] = {"class_type": "IQAAdapterEncodeTarget", "inputs": {
-        "adapter": ["a", 0], "quality": "high", "percentile": 1.0, "targets": "old", "mode": "raw", "negative_scale": 0.0}}
-    return graph
-
-
 def test_prepare_graph_renders_one_batch_per_prompt():
-    graph = _adapter_graph()
+    graph = adapter_graph("x.safetensors", quality="high", target=1.0, targets="old", mode="raw")
     batch = sweep_jobs.plan(WF, ["a dog"], [11], [10, 90], "percentile", None, [], 8)[0]
     prepared = sweep_jobs.prepare_graph(graph, batch, "percentile", ["topiq_nr", "laion_aes"])
-    assert prepared["t"]["inputs"]["targets"] == "topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90"
-    assert prepared["t"]["inputs"]["mode"] == "percentile"
+    assert prepared["11"]["inputs"]["targets"] == "topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90"
+    assert prepared["11"]["inputs"]["mode"] == "percentile"
     assert prepared["2"]["inputs"]["text"] == "a dog" and prepared["5"]["inputs"]["seed"] == 11
     assert prepared["4"]["inputs"]["batch_size"] == 2
-    assert graph["t"]["inputs"]["targets"] == "old"  # the template is untouched
+    assert graph["11"]["inputs"]["targets"] == "old"  # the template is untouched
     assert sweep_jobs.adapter_names(graph) == ["x.safetensors"]
     with pytest.raises(SweepError, match="metric names"):
         sweep_jobs.prepare_graph(graph, batch, "percentile", None)
     single = sweep_jobs.plan(WF, ["a dog"], [11], [30], "percentile", None, [], 8)[0]
-    inputs = sweep_jobs.prepare_graph(graph, single, "percentile")["t"]["inputs"]
+    inputs = sweep_jobs.prepare_graph(graph, single, "percentile")["11"]["inputs"]
     assert (inputs["quality"], inputs["targets"], inputs["percentile"], inputs["mode"]) == ("custom", "", 30.0, "percentile")
     with pytest.raises(SweepError, match="--targets-text"):  # the slider is a percentile
         sweep_jobs.prepare_graph(graph, single, "zscore")
     text = sweep_jobs.plan(WF, ["a dog"], [11], [5, 6], "raw", "piqe={t}", [], 8)[0]
-    inputs = sweep_jobs.prepare_graph(graph, text, "raw")["t"]["inputs"]
+    inputs = sweep_jobs.prepare_graph(graph, text, "raw")["11"]["inputs"]
     assert (inputs["targets"], inputs["percentile"], inputs["mode"]) == ("piqe=5; piqe=6", 50.0, "raw")
-    del graph["t"]
+    del graph["11"]
     with pytest.raises(SweepError, match="IQAAdapterEncodeTarget"):
         sweep_jobs.prepare_graph(graph, batch, "percentile", ["piqe"])
 
