@@ -875,7 +875,7 @@ _EXPECTED_FILES: dict[str, list[str] | None] = {}
 
 def missing_weight_files(name: str, user_folders: Iterable[str] = (), plan: bool = True) -> list[str] | None:
     """Weight files `name` needs that are in none of the searched folders ([] = ready to load; None =
-    not known). Reads the catalog (models/metric_weights.json); with `plan`, a metric it does not list is
+    not known). Reads the catalog (models/metric_catalog.json); with `plan`, a metric it does not list is
     planned once (architecture only, no weights read) and remembered."""
     from ..models.metrics import catalog_weight_files
     files = catalog_weight_files(name)

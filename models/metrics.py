@@ -1,8 +1,10 @@
-"""Catalog of IQA metrics: the paper's 21 (reference README section 5, stats-file order) first.
+"""Catalog of IQA metrics: the paper's 21 (in the order of CC3M_stats.csv) first, then the rest of pyiqa's
+per-image registry.
 
-Direction and range come from pyiqa's own table when pyiqa is importable (`pyiqa.default_model_configs`,
-read lazily, no network); the paper metrics carry the ranges of the reference README so the catalog
-works without pyiqa too. All 21 paper metrics are no-reference and higher-is-better.
+Everything here comes from `models/metric_catalog.json` (mode, direction, rough range and weight files of
+each metric, written from pyiqa by `scripts/metric_catalog.py`), so the node layer can build its menus and
+validate a prompt without importing pyiqa: pyiqa is imported only where a metric is built. The paper's
+metrics carry the ranges the paper's statistics use. All 21 are no-reference and higher-is-better.
 """
 from __future__ import annotations
 
@@ -11,15 +13,15 @@ import json
 import pathlib
 from dataclasses import dataclass
 
-# Reference README section 5, in the order of CC3M_stats.csv.
+# The paper's 21 metrics, in the column order of models/CC3M_stats.csv.
 PAPER_METRICS: tuple[str, ...] = (
     "topiq_nr-flive", "topiq_nr", "topiq_nr-spaq", "maniqa", "clipiqa+", "musiq-paq2piq", "arniqa",
     "arniqa-kadid", "topiq_iaa", "dbcnn", "laion_aes", "liqe_mix", "liqe", "maniqa-pipal",
     "nima-vgg16-ava", "hyperiqa", "tres-flive", "arniqa-flive", "musiq", "musiq-ava", "cnniqa",
 )
 
-# "~0-100 for musiq, musiq-paq2piq, tres-flive; 1-10 for topiq_iaa, laion_aes, nima, musiq-ava;
-# 1-5 for liqe, liqe_mix; ~0-1 otherwise" (reference README section 5).
+# Rough ranges of the paper's metrics: ~0-100 for musiq, musiq-paq2piq, tres-flive; 1-10 for the aesthetic
+# ones; 1-5 for liqe, liqe_mix; ~0-1 otherwise.
 _PAPER_RANGES: dict[str, tuple[float, float]] = {name: (0.0, 1.0) for name in PAPER_METRICS}
 _PAPER_RANGES.update({name: (0.0, 100.0) for name in ("musiq", "musiq-paq2piq", "tres-flive")})
 _PAPER_RANGES.update({name: (1.0, 10.0) for name in ("topiq_iaa", "laion_aes", "nima-vgg16-ava", "musiq-ava")})
@@ -48,59 +50,38 @@ def parse_score_range(text) -> tuple[float, float] | None:
         return None
 
 
-def _pyiqa_configs() -> dict:
-    try:
-        from pyiqa.default_model_configs import DEFAULT_CONFIGS
-    except Exception:  # pyiqa missing or broken: the paper list still works
-        return {}
-    return DEFAULT_CONFIGS
+CATALOG_FILE = pathlib.Path(__file__).resolve().parent / "metric_catalog.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog() -> dict[str, dict]:
+    """name -> {"mode": "NR"|"FR", "lower_better", "score_range", "files"}, in the order pyiqa lists them."""
+    return dict(json.loads(CATALOG_FILE.read_text())["metrics"])
 
 
 def metric_info(name: str) -> MetricInfo:
-    config = _pyiqa_configs().get(name)
-    if config is None:
-        if name in PAPER_METRICS:
-            return MetricInfo(name, False, _PAPER_RANGES[name], False, True)
-        raise ValueError(f"unknown IQA metric {name!r}: not in pyiqa's registry (pyiqa.list_models())")
-    score_range = _PAPER_RANGES.get(name) or parse_score_range(config.get("score_range"))
+    entry = _catalog().get(name)
+    if entry is None:
+        raise ValueError(f"unknown IQA metric {name!r}: not in pyiqa's registry (models/metric_catalog.json)")
     return MetricInfo(
         name=name,
-        lower_better=bool(config.get("lower_better", False)),
-        score_range=score_range,
-        is_full_reference=config.get("metric_mode") == "FR",
+        lower_better=bool(entry["lower_better"]),
+        score_range=_PAPER_RANGES.get(name) or parse_score_range(entry["score_range"]),
+        is_full_reference=entry["mode"] == "FR",
         in_paper=name in PAPER_METRICS,
     )
 
 
 def offered_metric_names() -> list[str]:
-    """The paper's 21 first (README section 5 order), then the rest of pyiqa's NR and FR registry."""
-    configs = _pyiqa_configs()
-    try:
-        import pyiqa
-        registry = list(pyiqa.list_models(metric_mode="NR")) + list(pyiqa.list_models(metric_mode="FR"))
-    except Exception:
-        registry = [name for name, cfg in configs.items() if cfg.get("metric_mode") in ("NR", "FR")]
-    # fid/inception_score are dataset-level, not per-image scores.
-    skip = {"fid", "fid_dinov2", "inception_score"}
-    rest = [name for name in registry if name not in PAPER_METRICS and name not in skip]
-    return list(PAPER_METRICS) + rest
-
-
-_WEIGHT_CATALOG = pathlib.Path(__file__).resolve().parent / "metric_weights.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _weight_catalog() -> dict[str, list[str]]:
-    try:
-        return dict(json.loads(_WEIGHT_CATALOG.read_text())["files"])
-    except (OSError, ValueError, KeyError):
-        return {}
+    """The paper's 21 first (stats-file order), then the rest of pyiqa's NR and FR registry."""
+    return list(PAPER_METRICS) + [name for name in _catalog() if name not in PAPER_METRICS]
 
 
 def catalog_weight_files(name: str) -> list[str] | None:
-    """pyiqa's file names the metric reads ([] = weight-free), from models/metric_weights.json
-    (written by scripts/metric_weight_catalog.py); None when the catalog does not list the metric."""
-    files = _weight_catalog().get(name)
+    """pyiqa's file names the metric reads ([] = weight-free); None when not known without building the
+    metric (or the metric is not in the catalog)."""
+    entry = _catalog().get(name)
+    files = entry["files"] if entry else None
     return list(files) if files is not None else None
 
 

@@ -96,6 +96,35 @@ def test_pack_loads_through_the_host_loader_and_every_schema_builds(comfy, comfy
                                            if "IQA-Adapter" in line)
 
 
+PYIQA_PROBE = """
+import json, sys
+from comfyui_iqa_adapter.scripts.comfy_server import import_host
+import_host(cpu=True)
+from comfyui_iqa_adapter.nodes import NODE_MODULES
+for module in NODE_MODULES:
+    for node in module.NODES:
+        node.GET_SCHEMA()
+from comfyui_iqa_adapter.nodes.metric_nodes import IQAMetricLoader
+IQAMetricLoader.validate_inputs(metric="topiq_nr", device="auto")
+print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] == "pyiqa")))
+"""
+
+
+def test_pyiqa_is_not_imported_at_server_start(host_dir):
+    """pyiqa (PolyForm Noncommercial) is imported only where a metric is built: loading the node layer, building
+    every schema (the metric picker) and validating a metric choice at queue time read models/metric_catalog.json.
+    A fresh interpreter, because this test session imports pyiqa elsewhere."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IQA_COMFYUI_DIR=str(host_dir))
+    run = subprocess.run([sys.executable, "-c", PYIQA_PROBE], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
+
+
 def test_model_folders_are_registered_once_at_import_and_in_on_load(comfy):
     import folder_paths
     from comfyui_iqa_adapter.nodes import IQAAdapterExtension, paths

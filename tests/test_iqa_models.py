@@ -175,6 +175,23 @@ def test_catalog_order_and_directions():
     assert not any(catalog.metric_info(name).lower_better for name in catalog.PAPER_METRICS)
 
 
+def test_catalog_file_agrees_with_the_installed_pyiqa():
+    """models/metric_catalog.json stands in for pyiqa's registry at server start: it must say what pyiqa says
+    (rebuild it with scripts/metric_catalog.py after a pyiqa upgrade)."""
+    import pyiqa
+
+    from comfyui_iqa_adapter.scripts import metric_catalog
+
+    stored = json.loads(catalog.CATALOG_FILE.read_text())
+    assert stored["pyiqa"] == pyiqa.__version__
+    live = metric_catalog.registry()
+    assert list(stored["metrics"]) == list(live)
+    for name, entry in live.items():
+        assert {key: stored["metrics"][name][key] for key in entry} == entry, name
+    # the weight files of the paper's default metric, as pyiqa names them
+    assert stored["metrics"]["topiq_nr"]["files"] == iqa_models.expected_weight_files("topiq_nr", [])
+
+
 # ---------------------------------------------------------------- reference encoding
 
 def make_reference_adapter(folder: pathlib.Path, dim: int, model="cnniqa", layers=("conv1",), seed=0,
