@@ -5,7 +5,7 @@ the examples' prompt) rendered at several qualities with the degradations the pa
 (blur, noise, JPEG artefacts, dull colours). They illustrate what an example does; they print no scores
 (a drawn scene is not a photo, and no-reference metrics would judge the drawing, not the idea).
 
-    python scripts/workflow_tools.py thumbnails
+    python -m comfyui_iqa_adapter.scripts.workflow_tools thumbnails
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def write_thumbnails(paths: dict[str, pathlib.Path]) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    from comfyui_iqa_adapter.scripts.workflow_tools import EXAMPLES, thumbnail_path
+    from comfyui_iqa_adapter.scripts.workflow_tools import examples, thumbnail_path
 
-    for written in write_thumbnails({slug: thumbnail_path(slug) for slug in EXAMPLES}):
+    for written in write_thumbnails({name: thumbnail_path(ui) for name, ui in examples().items()}):
         print(written, math.ceil(written.stat().st_size / 1024), "KB")

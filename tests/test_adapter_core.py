@@ -329,6 +329,42 @@ def test_target_errors():
         quality.build_quality_vector(d, {"topiq_nr": 5, "laion_aes": 5}, mode="percent")
 
 
+def test_target_and_sweep_errors_name_the_input_a_value_came_from(tmp_path):
+    """The one encode path blames inputs by where each value came from, never by reading a message."""
+    from comfyui_iqa_adapter.adapter import sweep
+    from comfyui_iqa_adapter.adapter.errors import InputError
+
+    adapter = iqa_adapter.load_adapter(save_st(tmp_path / "a.safetensors", small_dict(input_dim=2, seed=1)))
+
+    def blamed(call) -> str:
+        with pytest.raises(InputError) as caught:
+            call()
+        return caught.value.input_name
+
+    def target(targets="", mode="percentile", quality_choice="best", percentile=99.0, negative_scale=0.0):
+        return quality.target_tokens(adapter, quality_choice, percentile, targets, mode, negative_scale, 64)
+
+    def swept(start=1.0, stop=99.0, steps=3, mode="percentile", spacing="linear", hold="", metrics="topiq_nr"):
+        return sweep.sweep_tokens(adapter, metrics, start, stop, steps, mode, spacing, hold, 0.0, 64)
+
+    assert target(targets="topiq_nr=99; topiq_nr=1").tokens.batch_size == 2
+    assert blamed(lambda: target(targets="topiq_nr=1e30", mode="zscore")) == "targets"
+    assert blamed(lambda: target(quality_choice="best", percentile=40.0)) == "percentile"
+    assert blamed(lambda: target(mode="zscore")) == "mode"  # nothing typed for zscore to apply to
+    assert blamed(lambda: target(negative_scale=float("nan"))) == "negative_scale"
+    assert blamed(lambda: target(targets="; ".join(["topiq_nr=50"] * 65))) == "targets"
+    tokens, targets = swept()
+    assert tokens.batch_size == len(targets) == 3
+    assert blamed(lambda: swept(mode="raw", start=1.0, stop=999.0)) == "stop"
+    assert blamed(lambda: swept(mode="raw", start=999.0, stop=1.0)) == "start"
+    assert blamed(lambda: swept(hold="1e30", mode="zscore", start=-1.0, stop=1.0)) == "hold"
+    assert blamed(lambda: swept(hold="high")) == "hold"
+    assert blamed(lambda: swept(start=0.0)) == "start"
+    assert blamed(lambda: swept(metrics="musiq")) == "metrics"
+    assert blamed(lambda: swept(spacing="paper", mode="zscore")) == "spacing"
+    assert blamed(lambda: swept(steps=100)) == "steps"  # more rows than the 64 allowed here
+
+
 def test_parse_targets_text():
     rows = quality.parse_targets("topiq_nr=99, laion_aes=90; topiq_nr=1,laion_aes=1\nclipiqa+=50")
     assert rows == [{"topiq_nr": 99.0, "laion_aes": 90.0}, {"topiq_nr": 1.0, "laion_aes": 1.0}, {"clipiqa+": 50.0}]

@@ -57,12 +57,12 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server):
     result = comfy_server.run(graph)
     assert not result.ok
     message = result.error_message()
-    assert "IQAAdapterApply: tokens" in message and "2 targets" in message and "latent batch is 3" in message
+    assert "Apply Quality Adapter: tokens" in message and "2 targets" in message and "latent batch is 3" in message
     assert comfy_server.alive()
 
 
 @pytest.mark.parametrize("targets,target,expected", [
-    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got '100.0'"),
+    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got 100.0"),
     ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
     ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])

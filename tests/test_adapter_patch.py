@@ -210,7 +210,7 @@ def test_cond_uncond_selection_and_per_item_targets(tiny):
 def test_target_count_mismatch_names_both_sizes(tiny):
     model, adapter, x, context = tiny
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[1, 1], [2, 2], [3, 3]]), 1.0)
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: tokens: .*3 targets.*latent batch is 2"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: tokens: .*3 targets.*latent batch is 2"):
         forward(patched, x, context, [0])
 
 
@@ -274,7 +274,7 @@ def test_start_end_window(tiny):
         base = forward(model, x, context, [1, 0], sigma=sigma)
         assert torch.equal(forward(off, x, context, [1, 0], sigma=sigma), base)
         assert (forward(on, x, context, [1, 0], sigma=sigma) - base).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="IQAAdapterApply: start_at"):
+    with pytest.raises(ValueError, match="Apply Quality Adapter: start_at:"):
         adapter_patch.apply_iqa_adapter(model, adapter, tokens, 1.0, start_at=0.8, end_at=0.2)
 
 
@@ -282,14 +282,14 @@ def test_adapter_for_another_base_model_is_refused(comfy, tiny):
     _model, sd15_adapter, _, _ = tiny
     sdxl_model = build_small_model(comfy, "SDXL", SDXL_SMALL)
     tokens = tokens_for(sd15_adapter, [[1.0, 1.0]])
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: adapter: .*7 cross-attention layers.*model has 70"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: adapter: .*7 cross-attention layers.*model has 70"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sd15_adapter, tokens, 1.0)
     # SSD-1B-like: same widths and context size as SDXL, different depth layout.
     sdxl_adapter = random_adapter(sdxl_model)
     ssd = build_small_model(comfy, "SDXL", SSD1B_SMALL)
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: adapter: .*70 cross-attention layers.*model has 34"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: adapter: .*70 cross-attention layers.*model has 34"):
         adapter_patch.apply_iqa_adapter(ssd, sdxl_adapter, tokens_for(sdxl_adapter, [[1.0, 1.0]]), 1.0)
-    with pytest.raises(ValueError, match="IQAAdapterApply: tokens: quality tokens have width 768"):
+    with pytest.raises(ValueError, match="Apply Quality Adapter: tokens: quality tokens have width 768"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sdxl_adapter, tokens, 1.0)
 
 

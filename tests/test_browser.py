@@ -2,9 +2,10 @@
 
 Each UI workflow is loaded with app.loadGraphData; no node may be of an unregistered type or flagged
 with errors, and the prompt the frontend itself builds (app.graphToPrompt) must equal our API twin in
-workflows/api/ (so the UI -> API conversion matches the frontend's). A screenshot of each goes to
-test-output/screenshots/. Skips loudly where Chromium or Playwright is absent (scripts/test.sh
-installs Debian's chromium).
+workflows/api/ (so the UI -> API conversion matches the frontend's). Each is also opened as a user does:
+from the template browser dialog (card title, thumbnail, click), and must show whole in a 1366x768 window,
+under none of the frontend's panels. Screenshots go to test-output/screenshots/. Skips loudly where
+Chromium or Playwright is absent (scripts/test.sh installs Debian's chromium).
 """
 from __future__ import annotations
 
@@ -18,24 +19,23 @@ import pytest
 from conftest import comfy_server_module
 from test_workflows import tiny_assets  # noqa: F401 - fixture: tiny metric weights, adapters, input images
 
+from comfyui_iqa_adapter.scripts import workflow_tools
+
 pytestmark = pytest.mark.browser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-UI_DIR = ROOT / "workflows" / "ui"
-API_DIR = ROOT / "workflows" / "api"
 SHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = os.environ.get("IQA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-UI_FILES = sorted(UI_DIR.glob("*.json"))
-EXAMPLE_KEY = "iqa_adapter_example"  # extra.<key> of a UI file = its API twin's name (scripts/workflow_tools.py)
+UI_FILES = sorted(workflow_tools.examples().values())
 WINDOW = {"width": 1366, "height": 768}  # a laptop: every template must fit it
 # measured: 1.32.9 (0.3.75's pin) leaves such nodes unmarked; 1.48.7 (0.33.0's pin) and 1.58.1 mark them
 FLAGS_ABSENT_VALUES_SINCE = (1, 48)
 
 
 def api_twin(workflow: dict) -> dict:
-    return json.loads((API_DIR / f"{workflow['extra'][EXAMPLE_KEY]}.json").read_text())
+    return json.loads(workflow_tools.api_path(workflow_tools.slug_of(workflow)).read_text())
 
 
 def _skip(reason: str):
@@ -76,11 +76,11 @@ def page(comfy_server):
 
 
 def test_ui_workflows_exist():
-    names = {json.loads(p.read_text())["extra"][EXAMPLE_KEY] for p in UI_FILES}
+    names = {workflow_tools.slug_of(json.loads(p.read_text())) for p in UI_FILES}
     assert {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
             "gradient_guidance", "score_images"} <= names, names
     link = ROOT / "example_workflows"
-    assert link.resolve() == UI_DIR.resolve(), "example_workflows/ must point at workflows/ui (template browser)"
+    assert link.resolve() == workflow_tools.UI_DIR.resolve(), "example_workflows/ must point at workflows/ui (template browser)"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
@@ -192,6 +192,101 @@ def test_workflow_layout_in_frontend(page, path):
     assert outside == [], f"{path.name}: nodes outside the default view ({view_w}x{view_h}): {outside}"
 
 
+# ------------------------------------------------------------------------------------- the template browser
+
+# Which parts of the graph a user cannot see in the window: points over every node (title bar included)
+# and every group's title strip, each either off the window or under an element that is neither the
+# canvas nor a node's own DOM widget (a panel, the Run bar, the minimap, a toast, ...).
+HIDDEN_PARTS = """() => {
+    const app = window.app, canvas = app.canvas, ds = canvas.ds;
+    const rect = canvas.canvas.getBoundingClientRect();
+    const ours = e => e === canvas.canvas || !!(e && e.closest && e.closest('.dom-widget, [data-node-id]'));
+    const covering = (x, y) => {
+        if (x < 0 || y < 0 || x >= window.innerWidth || y >= window.innerHeight) return 'outside the window';
+        const e = document.elementFromPoint(x, y);
+        if (ours(e)) return null;
+        const panel = e && (e.closest('[class*=minimap]') ? 'minimap' : (e.getAttribute('aria-label')
+                      || e.getAttribute('data-testid') || String(e.className).slice(0, 60) || e.tagName));
+        return panel || 'nothing';
+    };
+    const check = (name, [x, y, w, h], rows) => {
+        const found = new Set();
+        for (let i = 0; i <= 4; i++) for (let j = 0; j <= rows; j++) {
+            const sx = rect.left + (x + 1 + (w - 2) * i / 4 + ds.offset[0]) * ds.scale;
+            const sy = rect.top + (y + 1 + (h - 2) * j / Math.max(rows, 1) + ds.offset[1]) * ds.scale;
+            const what = covering(sx, sy);
+            if (what) found.add(what);
+        }
+        return found.size ? [name + ': ' + Array.from(found).join(', ')] : [];
+    };
+    const nodes = app.graph._nodes || app.graph.nodes;
+    const groups = app.graph._groups || app.graph.groups || [];
+    return nodes.flatMap(n => check(`node ${n.id} ${n.title || n.type}`, Array.from(n.getBounding()), 6))
+        .concat(groups.flatMap(g => { const [x, y, w] = Array.from(g._bounding || g.bounding);
+                                      return check(`group ${g.title}`, [x, y, w, 30], 0); }));
+}"""
+
+
+def _open_templates(page):
+    """The sidebar's Templates entry opens the template browser dialog: this pack's category in it."""
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Templates", exact=True).first.click()
+    dialog = page.get_by_role("dialog").filter(has_text="Templates").first
+    dialog.get_by_text(comfy_server_module.PACK_LINK_NAME, exact=True).first.click()
+    return dialog
+
+
+def _assert_whole_in_view(page, label: str, known_issue: str = "") -> None:
+    """Fails on any hidden part; parts under the minimap, or all parts where `known_issue` names why, are
+    reported as an expected failure (issue 12, still open for these layouts) with what is hidden."""
+    hidden = page.evaluate(HIDDEN_PARTS)
+    under_minimap = [part for part in hidden if part.endswith(": minimap")]
+    if not known_issue:
+        assert [part for part in hidden if part not in under_minimap] == [], \
+            f"{label} on frontend {page.frontend_version}: hidden parts"
+        known_issue = "the minimap (shown by default) covers the layout's bottom-right corner"
+    if hidden:
+        pytest.xfail(f"KNOWN ISSUE on frontend {page.frontend_version}, {label}: {known_issue}; hidden: {hidden}")
+
+
+def _dismiss_error_overlay(page):
+    dismiss = page.locator("[data-testid='error-overlay-dismiss']")
+    if dismiss.count():
+        dismiss.first.click()
+    page.wait_for_timeout(500)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
+def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # noqa: F811 - fixture
+    """As a user: Templates in the sidebar, this pack's category, the card (title = the file name, our
+    thumbnail beside it), click; the workflow opens whole in a 1366x768 window, under no panel."""
+    title, workflow = path.stem, json.loads(path.read_text())
+    dialog = _open_templates(page)
+    card = dialog.locator(f"[data-testid='template-workflow-{title}']")
+    card.scroll_into_view_if_needed()
+    page.wait_for_function("(card) => { const i = card.querySelector('img'); return i && i.complete && i.naturalWidth; }",
+                           arg=card.element_handle(), timeout=30_000)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"templates_{title}.png"))
+    assert card.locator("h3").first.inner_text().strip() == title
+    thumbnail = card.locator("img").first
+    assert thumbnail.get_attribute("alt") == title
+    shown = thumbnail.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    from PIL import Image
+    assert tuple(shown) == Image.open(workflow_tools.thumbnail_path(path)).size, "the card shows our thumbnail"
+    card.click()
+    page.wait_for_function(
+        """([count, ids]) => { const nodes = window.app.graph._nodes || window.app.graph.nodes;
+                               return nodes.length === count && ids.every(id => nodes.some(n => String(n.id) === id)); }""",
+        arg=[len(workflow["nodes"]), [str(n["id"]) for n in workflow["nodes"]]], timeout=60_000)
+    page.wait_for_timeout(1500)  # the missing-models dialog (base checkpoints the test host lacks)
+    page.keyboard.press("Escape")
+    _dismiss_error_overlay(page)  # since 1.48: "N errors found" for the files the test host lacks
+    page.screenshot(path=str(SHOTS / f"template_{title}.png"))
+    assert not page.page_errors, page.page_errors
+    _assert_whole_in_view(page, title)
+
+
 # ------------------------------------------------------------------------------------------ Run, scores shown
 
 # Ask the tiny models and a weight-free metric for what the example names (users' files are not here).
@@ -207,6 +302,8 @@ TINY_WIDGETS = """(node, tiny) => {
     }
 }"""
 RUN_EXAMPLES = ["score_images", "degradation_sweep"]  # scoring only; generating + scoring + sweep report
+RUN_LAYOUT_ISSUES = {"degradation_sweep": "its Quality Score card grows ~530 graph units after Run, over the "
+                                          "Sweep Report below it and out of the window"}
 
 
 def _click_run(page):
@@ -223,8 +320,9 @@ def _click_run(page):
 @pytest.mark.parametrize("name", RUN_EXAMPLES)
 def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
     """Load the example, point it at the tiny models, click Run, and find the scores on the page: the
-    score table rendered on each scoring node, and the score card it previews."""
-    (workflow,) = [w for w in map(lambda p: json.loads(p.read_text()), UI_FILES) if w["extra"][EXAMPLE_KEY] == name]
+    score table rendered on each scoring node, and the score card it previews; the grown cards leave
+    the workflow whole in view."""
+    workflow = json.loads(workflow_tools.examples()[name].read_text())
     tiny = {"checkpoint": "tiny_sd15.safetensors", "adapter": "tiny_sd15_iqa_adapter.safetensors", "metric": "piqe"}
     page.evaluate(
         """async ([workflow, tiny]) => {
@@ -263,6 +361,7 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
     if name == "degradation_sweep":
         assert any("Spearman rho" in t for t in shown["tables"]), shown["tables"]
     assert not page.page_errors, page.page_errors
+    _assert_whole_in_view(page, f"{name} after Run", RUN_LAYOUT_ISSUES.get(name, ""))
 
 
 def test_pack_nodes_are_findable_and_documented(comfy_server):

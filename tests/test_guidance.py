@@ -17,6 +17,7 @@ import tempfile
 import pytest
 import torch
 from comfyui_iqa_adapter.adapter import guidance
+from comfyui_iqa_adapter.adapter.errors import InputError
 from comfyui_iqa_adapter.scripts import random_weights
 
 SIZE = 64
@@ -475,10 +476,12 @@ def test_every_image_taesd_the_host_ships_loads_and_video_formats_are_refused(co
         image = module.decode(latent)
         assert image.shape[1] == 3 and image.shape[-1] > 4, (type(latent_format).__name__, tuple(image.shape))
     print(f"\nimage TAESDs: {sorted({type(f).__name__ + ':' + str(f.latent_channels) for f in image_formats})}")
-    for latent_format in video_formats:
-        with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): model: .*video format"):
+    for latent_format in video_formats:  # the node's error wrapper adds 'Quality Guidance (gradient): model: '
+        with pytest.raises(InputError, match=r"video format") as refused:
             nodes._check_image_latents(latent_format)
+        assert refused.value.input_name == "model"
     # A decoder file for another latent size is refused by name, not loaded into the wrong network.
     sd15 = next(f for f in image_formats if f.latent_channels == 4)
-    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): decoder: .*takes 16 latent channels.*has 4"):
+    with pytest.raises(InputError, match=r"takes 16 latent channels.*has 4") as refused:
         nodes._taesd_latent_channels({"1.weight": torch.zeros(64, 16, 3, 3)}, sd15)
+    assert refused.value.input_name == "decoder"

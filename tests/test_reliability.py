@@ -592,7 +592,7 @@ def test_class2_no_silent_black_images(server):
     expect_exec_error(server, sweep_tokens_graph(hold="1e30"), "IQATargetSweep", "hold")
     expect_exec_error(server, sweep_tokens_graph(hold="1e15"), "IQATargetSweep", "hold")
     message = expect_exec_error(server, sweep_tokens_graph(mode="raw", start=1.0, stop=999.0), "IQATargetSweep")
-    assert ": to: " in message, message  # 1 is fine, 999 is not
+    assert ": stop: " in message, message  # 1 is fine, 999 is not
     for label, fill in (("huge", 1e30), ("nan", float("nan")), ("big", 5e4)):
         name = _write_tokens_file(server.input_dir, f"tokens_{label}", 2, fill=fill)
         expect_exec_error(server, load_tokens_graph(name), "IQAAdapterLoadTokens", "file", "quality tokens")

@@ -3,6 +3,7 @@
 1. every UI workflow validates against /object_info (node types exist, widget values allowed, links
    connect matching types, required inputs connected);
 2. the API twins are exactly what scripts/workflow_tools.py generates from the UI files today;
+   layout facts (groups, overlaps, the stored default view) are read from the UI files themselves;
 3. every API workflow runs headless on the tiny models (model names, sizes and steps swapped; tiny
    random metric weights and a tiny reference adapter written here), and its outputs are checked.
 """
@@ -20,19 +21,22 @@ from conftest import TINY_ADAPTER, TINY_CHECKPOINT, comfy_server_module
 
 from comfyui_iqa_adapter.scripts import workflow_tools
 
-NAMES = list(workflow_tools.EXAMPLES)  # API twin names; the UI files are named for people (template titles)
+EXAMPLES = workflow_tools.examples()  # API twin name -> UI file (named for people: the template's title)
+NAMES = list(EXAMPLES)
 GENERATING = ["sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
               "gradient_guidance"]
 SDXL_EXAMPLES = ["sdxl_quality_target", "degradation_sweep", "reference_transfer", "gradient_guidance"]
 
 
 def load_ui(name: str) -> dict:
-    return json.loads(workflow_tools.ui_path(name).read_text())
+    return json.loads(EXAMPLES[name].read_text())
 
 
 def load_api(name: str) -> dict:
     return json.loads(workflow_tools.api_path(name).read_text())
 REFERENCE_ADAPTER = "tiny_sd15_reference_adapter.safetensors"
+WINDOW = (1366, 768)  # a laptop: every example shows whole in its stored default view
+READABLE_SCALE = 0.6  # below ~0.57 the frontend stops drawing node text
 SMALL_METRIC = "cnniqa"      # tiny CNN: random weights written below (nothing is downloaded)
 WEIGHT_FREE_METRIC = "piqe"  # no weights at all
 
@@ -45,11 +49,9 @@ def object_info(comfy_server):
 def test_every_example_is_there():
     assert set(NAMES) == {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
                           "gradient_guidance", "score_images"}
-    assert workflow_tools.stray_ui_files() == [], "a UI workflow that is not one of the examples"
     assert sorted(p.name for p in workflow_tools.API_DIR.glob("*.json")) == sorted(f"{n}.json" for n in NAMES)
     for name in NAMES:
         ui = load_ui(name)
-        assert workflow_tools.slug_of(ui) == name
         notes = [n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
         assert notes and len(notes[0]["widgets_values"][0]) > 80, f"{name}: needs a Note explaining it"
 
@@ -59,10 +61,10 @@ def test_templates_people_can_run():
     beside it, a unique id, groups, base-model download metadata, and a note on where adapters come from."""
     ids = set()
     for name in NAMES:
-        path, ui = workflow_tools.ui_path(name), load_ui(name)
+        path, ui = EXAMPLES[name], load_ui(name)
         title = path.stem
         assert " " in title and "_" not in title and "-" not in title, f"{title!r}: a title for people"
-        thumbnail = workflow_tools.thumbnail_path(name)
+        thumbnail = workflow_tools.thumbnail_path(path)
         assert thumbnail.exists() and 5_000 < thumbnail.stat().st_size < 100 * 1024, thumbnail
         assert thumbnail.read_bytes()[:3] == b"\xff\xd8\xff", "the frontend asks for <title>.jpg: a JPEG"
         ids.add(ui["id"])
@@ -81,11 +83,10 @@ def test_templates_people_can_run():
             assert "models/iqa_adapter" in note
         # every node and group lies inside the stored default view of a 1366x768 window
         scale, (off_x, off_y) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
-        assert scale >= workflow_tools.VIEW_SCALE[0], "text is drawn at this zoom"
+        assert scale >= READABLE_SCALE, "text is drawn at this zoom"
         boxes = [workflow_tools.rectangle(n) for n in ui["nodes"]]
-        boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
-                   g["bounding"][1] + g["bounding"][3]) for g in ui["groups"]]
-        width, height = workflow_tools.WINDOW
+        boxes += [workflow_tools.group_rectangle(g) for g in ui["groups"]]
+        width, height = WINDOW
         for left, top, right, bottom in boxes:
             assert (left + off_x) * scale >= 0 and (top + off_y) * scale >= 0, name
             assert (right + off_x) * scale <= width and (bottom + off_y) * scale <= height, name
@@ -164,7 +165,7 @@ def test_api_twin_is_generated_from_ui(object_info, name):
     ui, twin = load_ui(name), load_api(name)
     twin = titles_as_this_host_names_them(ui, twin, object_info)
     assert workflow_tools.ui_to_api(ui, object_info) == twin, \
-        f"workflows/api/{name}.json is stale: run `python scripts/workflow_tools.py convert`"
+        f"workflows/api/{name}.json is stale: run `python -m comfyui_iqa_adapter.scripts.workflow_tools convert`"
 
 
 def titles_as_this_host_names_them(ui: dict, twin: dict, object_info: dict) -> dict:
@@ -181,36 +182,17 @@ def titles_as_this_host_names_them(ui: dict, twin: dict, object_info: dict) -> d
     return twin
 
 
-TITLE_BAR = 30  # LiteGraph draws a node's title bar this far above pos[1]
-
-
-def _drawn_box(node: dict) -> tuple[float, float, float, float]:
-    (x, y), (w, h) = node["pos"], node["size"]
-    return x, y - TITLE_BAR, x + w, y + h
-
-
-def _overlaps(ui: dict) -> list[str]:
-    boxes = [(f"{n['id']} ({n.get('title') or n['type']})", _drawn_box(n)) for n in ui["nodes"]]
-    found = []
-    for i, (name_a, a) in enumerate(boxes):
-        for name_b, b in boxes[i + 1:]:
-            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                found.append(f"{name_a} overlaps {name_b}: {a} / {b}")
-    return found
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_nodes_do_not_overlap(name):
     ui = load_ui(name)
     assert all(len(n["size"]) == 2 and n["size"][0] >= 140 and n["size"][1] >= 40 for n in ui["nodes"]), \
         "every node stores a realistic size"
-    assert _overlaps(ui) == []
-    assert workflow_tools.group_problems(ui) == []
+    assert workflow_tools.layout_problems(ui) == []
     # the check itself catches a node dropped onto its neighbour's title bar
     broken = copy.deepcopy(ui)
     first, second = broken["nodes"][:2]
-    second["pos"] = [first["pos"][0] + 10, first["pos"][1] + first["size"][1] + TITLE_BAR // 2]
-    assert _overlaps(broken)
+    second["pos"] = [first["pos"][0] + 10, first["pos"][1] + first["size"][1] + workflow_tools.TITLE_HEIGHT // 2]
+    assert (first["id"], second["id"]) in workflow_tools.overlapping_nodes(broken)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -221,7 +203,7 @@ def test_ui_workflow_flows_left_to_right(name):
     nodes = {n["id"]: n for n in ui["nodes"]}
 
     def forward(origin: dict, target: dict) -> bool:
-        o, t = _drawn_box(origin), _drawn_box(target)
+        o, t = workflow_tools.rectangle(origin), workflow_tools.rectangle(target)
         return o[2] < t[0] or (o[0] == t[0] and o[3] < t[1])
 
     backwards = [f"link {link[0]}: {nodes[link[1]]['type']} -> {nodes[link[3]]['type']}" for link in ui["links"]
@@ -329,13 +311,13 @@ def test_examples_listed_in_template_browser(comfy_server):
 
     listing = comfy_server.get("/workflow_templates")
     ours = [names for pack, names in listing.items() if "IQA" in pack]
-    titles = [workflow_tools.EXAMPLES[name] for name in NAMES]
+    titles = [path.stem for path in EXAMPLES.values()]
     assert len(ours) == 1 and sorted(ours[0]) == sorted(titles), listing
     pack = next(pack for pack in listing if "IQA" in pack)
     base = f"{comfy_server.url}/api/workflow_templates/{urllib.parse.quote(pack)}/"
-    title = workflow_tools.EXAMPLES["degradation_sweep"]
+    title = EXAMPLES["degradation_sweep"].stem
     with urllib.request.urlopen(base + urllib.parse.quote(f"{title}.json")) as r:  # as the frontend fetches it
         served = json.loads(r.read())
     assert served == load_ui("degradation_sweep")
     with urllib.request.urlopen(base + urllib.parse.quote(f"{title}.jpg")) as r:
-        assert r.read() == workflow_tools.thumbnail_path("degradation_sweep").read_bytes()
+        assert r.read() == workflow_tools.thumbnail_path(EXAMPLES["degradation_sweep"]).read_bytes()
