@@ -37,7 +37,7 @@ from .clip_weights import CLIP_LOADER_MODULES, build_clip_from_file, clip_cache_
 from .metric_files import MissingMetricWeightsError, UnsafeWeightsError, file_name_of, find_weight_file, \
     read_state_dict, search_folders, unwrap_state_dict
 
-PATCHED_PACKAGES = ("pyiqa", "clip")  # modules whose globals a build replaces
+PATCHED_PACKAGES = ("pyiqa", "clip", "facexlib")  # modules whose globals a build replaces (facexlib: face metrics)
 _SCRATCH_CACHE_MODULES = ("pyiqa.archs.liqe_arch",)
 _BUILD_LOCK = threading.RLock()
 

@@ -179,6 +179,14 @@ def test_a_build_patches_only_what_pyiqa_sees(tmp_path, monkeypatch, network_att
     assert network_attempts == []
 
 
+def test_face_metric_names_its_detector_file_without_network(network_attempts):
+    """topiq_nr-face builds facexlib's face detector, whose loader downloads: it is answered locally too."""
+    pytest.importorskip("facexlib", reason="SKIPPED LOUDLY: facexlib (pyiqa dependency) is not installed")
+    with pytest.raises(metric_files.MissingMetricWeightsError, match=r"detection_Resnet50_Final\.pth"):
+        iqa_models.expected_weight_files("topiq_nr-face")
+    assert network_attempts == []
+
+
 def test_file_in_pyiqa_cache_dir_is_found(tmp_path):
     cache = metric_files.pyiqa_cache_dir()
     assert cache.startswith(str(tmp_path))  # TORCH_HOME isolation is effective
