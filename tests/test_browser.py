@@ -356,7 +356,8 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
     assert tables, shown
     numbers = [line for t in tables for line in t.splitlines() if line.strip()[:1].isdigit()]
     assert numbers, f"no score rows on the page: {tables}"
-    assert any("lower is better" in t or "↓" in t for t in tables), tables
+    # piqe is lower-is-better: the column head carries the arrow, the line under the table the words
+    assert any("piqe (↓)" in t and "piqe: lower is better" in t for t in tables), tables
     assert shown["cards"] and all(count >= 1 for count in shown["cards"]), f"score card not previewed: {shown}"
     if name == "degradation_sweep":
         assert any("Spearman rho" in t for t in shown["tables"]), shown["tables"]
