@@ -13,18 +13,18 @@ is checkpoint key 2k+1. Everything here is pure: caching is the caller's busines
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import pathlib
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from . import synthetic, tensor_files, training_layout
-from .descriptor import Descriptor, check_input_dim, resolve_descriptor, sidecar_path
+from . import tensor_files, training_layout
+from .descriptor import sidecar_path
+from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
 from .errors import InputError, quote
 from .files import file_signature
 
@@ -56,11 +56,6 @@ class AdapterInfo:
     base: str  # 'sd15' | 'sdxl' | 'custom'
     dtype: str = "float32"  # dtype stored in the file (tensors are returned as fp32)
 
-    def summary(self) -> str:
-        hidden = f", H={self.mlp_hidden_dim}" if self.mlp_hidden_dim else ""
-        return (f"{self.base}: {self.projection_kind}{hidden}, N={self.num_tokens}, D_in={self.input_dim}, "
-                f"C={self.cross_attention_dim}, {self.num_layers} layers, {self.dtype}")
-
 
 @dataclass
 class AdapterWeights:
@@ -68,20 +63,6 @@ class AdapterWeights:
     image_proj: dict[str, torch.Tensor]  # keys without the `image_proj.` prefix, fp32 CPU
     to_k_ip: list[torch.Tensor]  # by layer position k, fp32 CPU, (hidden_k, C)
     to_v_ip: list[torch.Tensor]
-
-
-@dataclass
-class IQAAdapter:
-    """The ComfyUI `IQA_ADAPTER` object: weights + their meaning. Everything fp32, CPU."""
-    path: str
-    info: AdapterInfo
-    descriptor: Descriptor
-    projection: torch.nn.Module
-    to_k_ip: list[torch.Tensor] = field(repr=False)
-    to_v_ip: list[torch.Tensor] = field(repr=False)
-
-    def summary(self) -> str:
-        return f"{pathlib.Path(self.path).name}: {self.info.summary()}; input: {self.descriptor.label()}"
 
 
 def adapter_cache_key(path: str | os.PathLike) -> tuple:
@@ -154,9 +135,9 @@ def _flatten(path: pathlib.Path, loaded) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- validation / inference
 
 def _infer_base(cross_attention_dim: int, layer_widths: list[int]) -> str:
-    if cross_attention_dim == 768 and layer_widths == synthetic.SD15_LAYER_WIDTHS:
+    if cross_attention_dim == 768 and layer_widths == SD15_LAYER_WIDTHS:
         return "sd15"
-    if cross_attention_dim == 2048 and layer_widths == synthetic.SDXL_LAYER_WIDTHS:
+    if cross_attention_dim == 2048 and layer_widths == SDXL_LAYER_WIDTHS:
         return "sdxl"
     return "custom"
 
@@ -283,21 +264,3 @@ def load_adapter_weights(path: str | os.PathLike) -> AdapterWeights:
     except ValueError as error:
         raise AdapterFileError(path, str(error)) from None
     return split_state_dict(state, path)
-
-
-def load_adapter(path: str | os.PathLike, descriptor: Descriptor | None = None) -> IQAAdapter:
-    """Read, validate, build the projection and attach the descriptor (sidecar > catalog > error).
-
-    A given `descriptor` replaces the lookup; its input size must still equal the weights' D_in.
-    """
-    from .projection import QualityProjection
-
-    weights = load_adapter_weights(path)
-    info = weights.info
-    if descriptor is None:
-        descriptor = resolve_descriptor(path, info.input_dim)
-    else:
-        check_input_dim(descriptor, info.input_dim, path)
-    projection = QualityProjection.from_weights(weights.image_proj, info, source=str(path))
-    return IQAAdapter(path=str(path), info=info, descriptor=descriptor, projection=projection,
-                      to_k_ip=weights.to_k_ip, to_v_ip=weights.to_v_ip)

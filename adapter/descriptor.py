@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..models import adapters as catalog
 from ..models import stats as cc3m
@@ -61,12 +61,6 @@ class Descriptor:
         stats = cc3m.get_stats(metric)
         return stats.mean, stats.std
 
-    def to_json_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("source")
-        data["metrics"] = list(self.metrics)
-        return data
-
     def label(self) -> str:
         if self.kind == "reference":
             return f"reference ({self.extractor.get('model', '?')}, D={self.base_dim})"
@@ -74,8 +68,11 @@ class Descriptor:
         return "+".join(self.metrics) + (f" [{', '.join(extras)}]" if extras else "")
 
 
-def _fail(source: str, message: str) -> None:
-    raise InputError(f"IQA-Adapter descriptor ({source}): {message}")
+class DescriptorError(InputError):
+    """A descriptor that cannot be used, with where it came from."""
+
+    def __init__(self, source, message: str):
+        super().__init__(f"IQA-Adapter descriptor ({source}): {message}")
 
 
 def _finite_number(value) -> bool:
@@ -91,74 +88,74 @@ def _finite_number(value) -> bool:
 def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
     """Validate a sidecar-style dict and build a Descriptor; every problem names the field."""
     if not isinstance(data, dict):
-        _fail(source, f"expected a JSON object, got {type(data).__name__}. Example: {SIDECAR_EXAMPLE}")
+        raise DescriptorError(source, f"expected a JSON object, got {type(data).__name__}. Example: {SIDECAR_EXAMPLE}")
     unknown = sorted(set(data) - SIDECAR_KEYS)
     if unknown:
-        _fail(source, f"unknown field(s) {quote(unknown)}; allowed: {sorted(SIDECAR_KEYS)}")
+        raise DescriptorError(source, f"unknown field(s) {quote(unknown)}; allowed: {sorted(SIDECAR_KEYS)}")
     kind = data.get("kind", "score")
     if kind not in KINDS:
-        _fail(source, f"'kind' must be one of {KINDS}, got {quote(kind)}")
+        raise DescriptorError(source, f"'kind' must be one of {KINDS}, got {quote(kind)}")
     normalization = data.get("normalization", "zscore")
     if normalization not in NORMALIZATIONS:
-        _fail(source, f"'normalization' must be one of {NORMALIZATIONS}, got {quote(normalization)}")
+        raise DescriptorError(source, f"'normalization' must be one of {NORMALIZATIONS}, got {quote(normalization)}")
     use_flag = data.get("use_flag", False)
     if not isinstance(use_flag, bool):
-        _fail(source, f"'use_flag' must be true or false, got {quote(use_flag)}")
+        raise DescriptorError(source, f"'use_flag' must be true or false, got {quote(use_flag)}")
     pos_encode_L = data.get("pos_encode_L", 0)
     if not isinstance(pos_encode_L, int) or isinstance(pos_encode_L, bool) or not 0 <= pos_encode_L <= 32:
-        _fail(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), got {quote(pos_encode_L)}")
+        raise DescriptorError(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), got {quote(pos_encode_L)}")
 
     metric_stats_raw = data.get("metric_stats", {}) or {}
     if not isinstance(metric_stats_raw, dict):
-        _fail(source, "'metric_stats' must be an object {metric: {\"mean\": m, \"std\": s}}")
+        raise DescriptorError(source, "'metric_stats' must be an object {metric: {\"mean\": m, \"std\": s}}")
     metric_stats: dict[str, dict[str, float]] = {}
     for metric, entry in metric_stats_raw.items():
         if not isinstance(entry, dict) or set(entry) != {"mean", "std"}:
-            _fail(source, f"'metric_stats'[{quote(metric)}] must be {{\"mean\": number, \"std\": number}}, got {quote(entry)}")
+            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}] must be {{\"mean\": number, \"std\": number}}, got {quote(entry)}")
         mean, std = entry["mean"], entry["std"]
         if not all(_finite_number(v) for v in (mean, std)):
-            _fail(source, f"'metric_stats'[{quote(metric)}]: mean and std must be finite numbers, got {quote(entry)}")
+            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}]: mean and std must be finite numbers, got {quote(entry)}")
         if std <= 0:
-            _fail(source, f"'metric_stats'[{quote(metric)}]: std must be > 0, got {std}")
+            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}]: std must be > 0, got {std}")
         metric_stats[metric] = {"mean": float(mean), "std": float(std)}
 
     metrics = data.get("metrics", [])
     extractor = data.get("extractor")
     if kind == "score":
         if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-            _fail(source, f"'metrics' must be a non-empty list of pyiqa metric ids, got {quote(metrics)}. Example: {SIDECAR_EXAMPLE}")
+            raise DescriptorError(source, f"'metrics' must be a non-empty list of pyiqa metric ids, got {quote(metrics)}. Example: {SIDECAR_EXAMPLE}")
         if len(set(metrics)) != len(metrics):
-            _fail(source, f"'metrics' lists a metric twice: {quote(metrics)}")
+            raise DescriptorError(source, f"'metrics' lists a metric twice: {quote(metrics)}")
         known = set(cc3m.known_metrics())
         for metric in metrics:
             if metric in known or metric in metric_stats:
                 continue
             if normalization == "none" and metric in CLIP_ANTONYM_FEATURES:
                 continue
-            _fail(source, f"unknown metric {quote(metric)}: it has no CC3M statistics. Known: {', '.join(sorted(known))}. "
-                          "For another metric give its mean/std in 'metric_stats'.")
+            raise DescriptorError(source, f"unknown metric {quote(metric)}: it has no CC3M statistics. Known: {', '.join(sorted(known))}. "
+                                  "For another metric give its mean/std in 'metric_stats'.")
         if extractor is not None:
-            _fail(source, "'extractor' is only for kind 'reference'")
+            raise DescriptorError(source, "'extractor' is only for kind 'reference'")
     else:
         if metrics:
-            _fail(source, "'metrics' must be empty for kind 'reference' (the input is IQA activations)")
+            raise DescriptorError(source, "'metrics' must be empty for kind 'reference' (the input is IQA activations)")
         if not isinstance(extractor, dict):
-            _fail(source, "kind 'reference' needs 'extractor': {\"model\": pyiqa id, \"layers\": [...], "
-                          "\"pooling\": \"avg\", \"dim\": activation vector length}")
+            raise DescriptorError(source, "kind 'reference' needs 'extractor': {\"model\": pyiqa id, \"layers\": [...], "
+                                  "\"pooling\": \"avg\", \"dim\": activation vector length}")
         unknown = sorted(set(extractor) - EXTRACTOR_KEYS)
         if unknown:
-            _fail(source, f"unknown 'extractor' field(s) {quote(unknown)}; allowed: {sorted(EXTRACTOR_KEYS)}")
+            raise DescriptorError(source, f"unknown 'extractor' field(s) {quote(unknown)}; allowed: {sorted(EXTRACTOR_KEYS)}")
         if not isinstance(extractor.get("model"), str):
-            _fail(source, f"'extractor'.'model' must be a pyiqa metric id, got {quote(extractor.get('model'))}")
+            raise DescriptorError(source, f"'extractor'.'model' must be a pyiqa metric id, got {quote(extractor.get('model'))}")
         dim = extractor.get("dim")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= 1_000_000:
-            _fail(source, f"'extractor'.'dim' must be a positive integer (the activation vector length), got {quote(dim)}")
+            raise DescriptorError(source, f"'extractor'.'dim' must be a positive integer (the activation vector length), got {quote(dim)}")
         if use_flag or pos_encode_L:
-            _fail(source, "kind 'reference' takes no 'use_flag' / 'pos_encode_L'")
+            raise DescriptorError(source, "kind 'reference' takes no 'use_flag' / 'pos_encode_L'")
         extractor = dict(extractor)
     name = data.get("name", "")
     if not isinstance(name, str):
-        _fail(source, f"'name' must be a string, got {quote(name)}")
+        raise DescriptorError(source, f"'name' must be a string, got {quote(name)}")
     return Descriptor(
         kind=kind, metrics=tuple(metrics), normalization=normalization, metric_stats=metric_stats,
         use_flag=use_flag, pos_encode_L=pos_encode_L, extractor=extractor, name=name, source=source,
@@ -174,19 +171,19 @@ def load_sidecar(path: str | pathlib.Path) -> Descriptor:
     path = pathlib.Path(path)
     try:
         if path.stat().st_size > MAX_SIDECAR_BYTES:
-            raise InputError(f"IQA-Adapter descriptor ({path}): the sidecar JSON has {path.stat().st_size} bytes; "
-                             f"a descriptor is a few hundred (at most {MAX_SIDECAR_BYTES})")
+            raise DescriptorError(path, f"the sidecar JSON has {path.stat().st_size} bytes; "
+                                  f"a descriptor is a few hundred (at most {MAX_SIDECAR_BYTES})")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"IQA-Adapter descriptor ({path}): cannot read the sidecar JSON: {error}") from None
+        raise DescriptorError(path, f"cannot read the sidecar JSON: {error}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise InputError(f"IQA-Adapter descriptor ({path}): invalid JSON at line {error.lineno}, column {error.colno}: "
-                         f"{error.msg}. Example: {SIDECAR_EXAMPLE}") from None
+        raise DescriptorError(path, f"invalid JSON at line {error.lineno}, column {error.colno}: "
+                              f"{error.msg}. Example: {SIDECAR_EXAMPLE}") from None
     except (RecursionError, ValueError):
-        raise InputError(f"IQA-Adapter descriptor ({path}): the sidecar JSON is nested too deeply or holds "
-                         f"unreadable numbers. Example: {SIDECAR_EXAMPLE}") from None
+        raise DescriptorError(path, f"the sidecar JSON is nested too deeply or holds "
+                              f"unreadable numbers. Example: {SIDECAR_EXAMPLE}") from None
     return descriptor_from_dict(data, source=str(path))
 
 

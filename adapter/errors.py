@@ -1,12 +1,13 @@
 """Bad inputs: one error type, and the one way the node layer reports it, `Node: input: what was expected`.
 
-Code in adapter/ raises `InputError` (a ValueError) and names the node input when it knows it
-(`input_name`); the node layer turns any failure into `NodeInputError` once (`fail`, `node_errors`), so
-the user always reads which node, which input, and what was expected. User text quoted in messages is
+Code raises `InputError` (a ValueError) and names the node input when it knows it (`input_name`); the
+node layer turns any failure into `NodeInputError` once (`blame`, `node_errors`), so the user always
+reads which node, which input, and what was expected. User text quoted in messages is
 shortened (`quote`), and whole messages are capped: a 1 MB input never becomes a 1 MB error.
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 from contextlib import contextmanager
@@ -45,8 +46,10 @@ def quote(value, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def fail(node: str, input_name: str, message: str):
-    raise NodeInputError(node, input_name, message)
+def did_you_mean(name: str, known) -> str:
+    """'; did you mean 'x'?' for names close to `name`, else ''."""
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(quote(c) for c in close)}?" if close else ""
 
 
 def describe(error: BaseException) -> str:
@@ -81,8 +84,6 @@ def blame(node: str, input_name: str):
     except NodeInputError:
         raise
     except ValueError as error:
-        if str(error).startswith((f"{node}: ", f"{NODE_NAMES.get(node, node)}: ")):  # already `Node: input: ...`
-            raise
         if isinstance(error, InputError):
             raise NodeInputError(node, error.input_name or input_name, str(error)) from None
         plain = str(error) if "null byte" not in str(error) else describe(error)

@@ -42,7 +42,6 @@ NORMALIZATIONS = ("none", "std", "rms")
 class GuidanceResult:
     denoised: torch.Tensor        # D' (same dtype/device as D)
     scores: torch.Tensor          # raw metric scores of the decoded estimate, (B,), float32, detached, CPU
-    gradient_rms: torch.Tensor    # per-sample rms of ∇_D S, (B,), for reports and tests
 
 
 def score_sign(target: str, lower_better: bool) -> float:
@@ -114,7 +113,7 @@ def quality_guided_denoised(denoised: torch.Tensor, sigma: torch.Tensor, decode:
     batch = denoised.shape[0]
     if scale == 0.0:
         nan = torch.full((batch,), float("nan"))
-        return GuidanceResult(denoised, nan, nan.clone())
+        return GuidanceResult(denoised, nan)
 
     sigma_b = torch.as_tensor(sigma).reshape(-1)
     if sigma_b.numel() == 1:
@@ -126,7 +125,7 @@ def quality_guided_denoised(denoised: torch.Tensor, sigma: torch.Tensor, decode:
     with torch.inference_mode(False), torch.enable_grad():
         work = denoised.detach().clone().float()
         sigma_f = sigma_b.detach().clone().float().to(work.device).reshape(batch, *([1] * (work.dim() - 1)))
-        updates, scores, rms_values = [], [], []
+        updates, scores = [], []
         for start in range(0, batch, chunk_size):
             chunk = work[start:start + chunk_size].clone().requires_grad_(True)
             images = resize_longer_side(decode(chunk), max_resolution)
@@ -136,19 +135,18 @@ def quality_guided_denoised(denoised: torch.Tensor, sigma: torch.Tensor, decode:
             objective = (sign / divisor) * raw.float()
             (gradient,) = torch.autograd.grad(objective.sum(), chunk)
             gradient = gradient.detach()
-            rms = gradient.pow(2).flatten(1).mean(1).sqrt()
             chunk_sigma = sigma_f[start:start + chunk_size]
             if normalization == "rms":
+                rms = gradient.pow(2).flatten(1).mean(1).sqrt()
                 safe = torch.where(rms > 0, rms, torch.ones_like(rms)).reshape(-1, *([1] * (gradient.dim() - 1)))
                 update = scale * chunk_sigma * gradient / safe
             else:
                 update = scale * chunk_sigma.pow(2) * gradient
             updates.append(update)
             scores.append(raw.detach().float().cpu())
-            rms_values.append(rms.cpu())
         update = torch.cat(updates).to(device=denoised.device, dtype=denoised.dtype)
     # The addition runs in the caller's mode (inference or not); `update` has no autograd history.
-    return GuidanceResult(denoised + update, torch.cat(scores), torch.cat(rms_values))
+    return GuidanceResult(denoised + update, torch.cat(scores))
 
 
 # ----------------------------------------------------------------------------------------------------

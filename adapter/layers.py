@@ -13,6 +13,10 @@ from collections.abc import Iterable
 LayerKey = tuple[str, int, int]  # (block_name, block_id, transformer_index)
 BLOCK_ORDER = {"input": 0, "output": 1, "middle": 2}
 
+# Hidden widths of the cross-attention layers of the full base models, in checkpoint (diffusers) order.
+SD15_LAYER_WIDTHS = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]
+SDXL_LAYER_WIDTHS = [640] * 4 + [1280] * 20 + [1280] * 30 + [640] * 6 + [1280] * 10
+
 
 def ordered_layer_keys(layout: Iterable[tuple[str, int, int]]) -> list[LayerKey]:
     """(block_name, block_id, depth) per transformer-carrying block -> keys in checkpoint order.

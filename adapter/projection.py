@@ -14,16 +14,13 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import tensor_files
+from .checkpoint import AdapterInfo
 from .errors import InputError, quote
-
-if TYPE_CHECKING:
-    from .checkpoint import AdapterInfo, IQAAdapter
 
 TOKENS_FORMAT = "iqa_adapter_quality_tokens"
 TOKENS_VERSION = "1"
@@ -52,7 +49,7 @@ def max_token_rows(num_tokens: int, cross_attention_dim: int, layer_widths=(), h
     return max(1, min(int(host_batch_cap), by_memory))
 
 
-def max_rows_for(info: "AdapterInfo", host_batch_cap: int = 4096) -> int:
+def max_rows_for(info: AdapterInfo, host_batch_cap: int = 4096) -> int:
     return max_token_rows(info.num_tokens, info.cross_attention_dim, info.layer_widths, host_batch_cap)
 
 
@@ -95,7 +92,7 @@ class QualityProjection(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim, eps=1e-5)
 
     @classmethod
-    def from_weights(cls, image_proj: dict[str, torch.Tensor], info: "AdapterInfo", source: str = "<weights>") -> "QualityProjection":
+    def from_weights(cls, image_proj: dict[str, torch.Tensor], info: AdapterInfo, source: str = "<weights>") -> "QualityProjection":
         """Build from `image_proj.*` tensors (prefix stripped), loaded strictly; fp32, CPU, eval mode."""
         module = cls(info.input_dim, info.cross_attention_dim, info.num_tokens, info.projection_kind,
                      info.mlp_hidden_dim or 128)
@@ -207,24 +204,3 @@ class QualityTokens:
                        found["dim"], found["num_tokens"])
         except InputError as error:
             raise InputError(f"quality tokens file {path.name[:200]}: {error}") from None
-
-
-@torch.no_grad()
-def encode_tokens(adapter: "IQAAdapter", vectors: torch.Tensor, negative_scale: float = 0.0,
-                  labels: list[dict] | None = None) -> QualityTokens:
-    """cond = proj(v); uncond = proj(-k * v) (k = negative_scale; k = 0 gives proj(0), the default)."""
-    vectors = torch.as_tensor(vectors, dtype=torch.float32)
-    if vectors.dim() == 1:
-        vectors = vectors.unsqueeze(0)
-    if not math.isfinite(negative_scale):
-        raise InputError(f"negative_scale must be a finite number, got {negative_scale}", "negative_scale")
-    if not torch.isfinite(vectors).all():
-        raise InputError("the quality vector contains NaN or infinite values")
-    if vectors.numel() and float(vectors.abs().max()) > INPUT_VALUE_LIMIT:
-        raise InputError(f"the quality vector reaches {float(vectors.abs().max()):.3g}, beyond {INPUT_VALUE_LIMIT:g} "
-                         "(the tokens would collapse or overflow); use moderate target values")
-    projection = adapter.projection
-    cond = projection(vectors)
-    uncond = projection(-float(negative_scale) * vectors) if negative_scale else projection(torch.zeros_like(vectors))
-    return QualityTokens(cond.float().cpu(), uncond.float().cpu(), labels or [], adapter.info.cross_attention_dim,
-                         adapter.info.num_tokens)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
 from .iqa_models import LoadedMetric, validate_images
-from .projection import QualityTokens, encode_tokens
+from .iqa_adapter import encode_tokens
+from .projection import QualityTokens
 
 POOLINGS = ("avg", "avg_l2")
 
@@ -89,13 +91,13 @@ def check_reference_adapter(adapter, metric: LoadedMetric | None = None) -> dict
     """The descriptor's extractor; errors for score-conditioned adapters and a mismatched metric."""
     descriptor = adapter.descriptor
     if descriptor.kind != "reference":
-        raise ValueError("this adapter is score-conditioned (descriptor kind "
+        raise InputError("this adapter is score-conditioned (descriptor kind "
                          f"'{descriptor.kind}'): encode quality targets with IQA-Adapter Encode Target instead; "
-                         "reference encoding needs an adapter whose descriptor has kind 'reference'")
+                         "reference encoding needs an adapter whose descriptor has kind 'reference'", "adapter")
     extractor = descriptor.extractor or {}
     if metric is not None and extractor.get("model") and extractor["model"] != metric.name:
-        raise ValueError(f"the adapter was trained on activations of '{extractor['model']}', but the metric given "
-                         f"is '{metric.name}'; load '{extractor['model']}' with IQA Metric Loader")
+        raise InputError(f"the adapter was trained on activations of '{extractor['model']}', but the metric given "
+                         f"is '{metric.name}'; load '{extractor['model']}' with IQA Metric Loader", "metric")
     return extractor
 
 
@@ -123,8 +125,8 @@ def encode_reference(adapter, metric: LoadedMetric, images_bchw_01: torch.Tensor
     if negatives.shape[0] == 1:
         negatives = negatives.expand(vectors.shape[0], -1)
     elif negatives.shape[0] != vectors.shape[0]:
-        raise ValueError(f"{negatives.shape[0]} negative reference images for {vectors.shape[0]} references "
-                         f"(give 1 or {vectors.shape[0]})")
+        raise InputError(f"{negatives.shape[0]} negative reference images for {vectors.shape[0]} references "
+                         f"(give 1 or {vectors.shape[0]})", "negative_reference")
     with torch.no_grad():
         cond = adapter.projection(vectors)
         uncond = adapter.projection(negatives)

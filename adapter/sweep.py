@@ -12,7 +12,6 @@ reports that scores follow the target monotonically (reference README 3.3): rho 
 from __future__ import annotations
 
 import io as _io
-import json
 import math
 import pathlib
 import textwrap
@@ -25,7 +24,8 @@ import numpy as np
 from ..models import stats as cc3m
 from ..models.metrics import metric_info
 from . import files, quality
-from .errors import quote
+from .errors import InputError, did_you_mean, quote
+from .projection import QualityTokens, check_row_count
 
 # linear: evenly spaced values (the default: 8 targets from 1 to 99); quantile-knots: the CC3M quantile
 # levels inside [from, to] (exact statistics, percentile mode only; 'steps' ignored); normal: evenly spaced
@@ -42,30 +42,41 @@ REPORT_COLUMNS = ("prompt", "seed", "model", "adapter", "index", "image", "targe
                   "target", "target_raw", "metric", "lower_better", "score_size", "score")
 
 
+def check_sweep_inputs(metrics_text: str | None = None, start: float | None = None, stop: float | None = None,
+                       steps: int | None = None, mode: str | None = None, spacing: str | None = None,
+                       hold: str | None = None, negative_scale: float | None = None) -> None:
+    """The sweep node's inputs, checked without the adapter (at queue time and again when it runs): raises
+    InputError naming the input. None = not known yet (wired from another node): not checked."""
+    if metrics_text is not None:
+        known = quality.known_metric_names()
+        for name in metric_names(metrics_text):
+            if name not in known:
+                raise InputError(f"unknown metric {quote(name)}{did_you_mean(name, known)}", "metrics")
+    if mode is not None:
+        quality.check_mode(mode)
+    if spacing is not None and spacing not in SPACINGS:
+        raise InputError(f"spacing must be one of {', '.join(SPACINGS)}, got {quote(spacing)}", "spacing")
+    if spacing in ("paper", "quantile-knots") and mode is not None and mode != "percentile":
+        raise InputError(f"spacing '{spacing}' needs mode 'percentile' (its targets are CC3M percentiles)", "spacing")
+    for name, label, value in (("start", "from", start), ("stop", "to", stop)):
+        problem = quality.target_range_problem(float(value), mode) if value is not None else None
+        if problem:
+            raise InputError(f"'{label}': {problem}", name)
+    if steps is not None and not 1 <= int(steps) <= MAX_SWEEP_STEPS:
+        raise InputError(f"steps must be in [1, {MAX_SWEEP_STEPS}], got {quote(steps)}", "steps")
+    if hold is not None:
+        parse_hold(hold)
+    if negative_scale is not None:
+        quality.check_negative_scale(negative_scale)
+
+
 def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile") -> list[float]:
     """The swept target values, from `start` to `stop` (either order), `steps` of them (see SPACINGS)."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
-    if mode not in quality.TARGET_MODES:
-        raise ValueError(f"mode must be one of {list(quality.TARGET_MODES)}, got {mode!r}")
-    start, stop = float(start), float(stop)
-    if not (math.isfinite(start) and math.isfinite(stop)):
-        raise ValueError(f"from/to must be finite, got {start} / {stop}")
-    steps = int(steps)
-    if not 1 <= steps <= MAX_SWEEP_STEPS:
-        raise ValueError(f"steps must be in [1, {MAX_SWEEP_STEPS}], got {steps}")
-    if mode == "percentile":
-        for name, value in (("from", start), ("to", stop)):
-            if not 0.0 < value < 100.0:
-                raise ValueError(f"percentile '{name}' must be strictly between 0 and 100, got {value:g}")
+    check_sweep_inputs(start=start, stop=stop, steps=steps, mode=mode, spacing=spacing)
+    start, stop, steps = float(start), float(stop), int(steps)
     if spacing == "paper":
-        if mode != "percentile":
-            raise ValueError("spacing 'paper' needs mode 'percentile' (the paper's targets are CC3M percentiles "
-                             "1, 25, 50, 75, 99)")
         return list(PAPER_PERCENTILES)
     if spacing == "quantile-knots":
-        if mode != "percentile":
-            raise ValueError("spacing 'quantile-knots' needs mode 'percentile' (the knots are CC3M percentiles)")
         low, high = min(start, stop), max(start, stop)
         values = sorted({low, high, *[k for k in CC3M_KNOTS if low <= k <= high]})
         return values if start <= stop else values[::-1]
@@ -80,33 +91,47 @@ def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear",
     return [float(v) for v in np.linspace(start, stop, steps)]
 
 
+def metric_names(text: str) -> list[str]:
+    """'topiq_nr, laion_aes' (',' or ';' between names) -> the names."""
+    return [name.strip() for name in str(text or "").replace(";", ",").split(",") if name.strip()]
+
+
 def resolve_metrics(adapter_metrics: Sequence[str], text: str) -> list[str]:
     """'topiq_nr, laion_aes' -> the swept metrics (empty text: all of the adapter's metrics)."""
-    names = [name.strip() for name in str(text or "").replace(";", ",").split(",") if name.strip()]
+    names = metric_names(text)
     if not names:
         return list(adapter_metrics)
     unknown = [name for name in names if name not in adapter_metrics]
     if unknown:
-        raise ValueError(f"metric(s) {quote(unknown)} are not inputs of this adapter; it takes {list(adapter_metrics)}")
+        raise InputError(f"metric(s) {quote(unknown)} are not inputs of this adapter; it takes "
+                         f"{list(adapter_metrics)}", "metrics")
     if len(set(names)) != len(names):
-        raise ValueError(f"a metric is listed twice: {quote(names)}")
+        raise InputError(f"a metric is listed twice: {quote(names)}", "metrics")
     return [m for m in adapter_metrics if m in names]  # adapter order
+
+
+def parse_hold(hold: str) -> float | str | None:
+    """The hold input: None (empty: the CC3M median), 'same', or a finite number."""
+    text = str(hold or "").strip().lower()
+    if text in ("", "same"):
+        return text or None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"hold must be empty (CC3M median), 'same', or a number; got {quote(hold)}", "hold") from None
+    if not math.isfinite(value):
+        raise InputError(f"hold must be finite, got {quote(hold)}", "hold")
+    return value
 
 
 def hold_value(metric: str, hold: str, mode: str) -> float | None:
     """Value for a metric that is not swept: '' = the CC3M median in the sweep's mode, a number = that
     value (in the sweep's mode), 'same' = None (follow the swept value)."""
-    text = str(hold or "").strip().lower()
-    if text == "same":
+    parsed = parse_hold(hold)
+    if parsed == "same":
         return None
-    if text:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"hold must be empty (CC3M median), 'same', or a number; got {quote(hold)}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"hold must be finite, got {quote(hold)}")
-        return value
+    if parsed is not None:
+        return parsed
     if mode == "percentile":
         return 50.0
     if mode == "zscore":
@@ -127,13 +152,12 @@ class SweepTargets:
     def __len__(self) -> int:
         return len(self.values)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SweepTargets":
-        data = json.loads(text)
-        return cls(**data)
+    def value_inputs(self) -> list[dict[str, str]]:
+        """The sweep input each value of each row stands for: 'hold' for held metrics, else 'start' in the
+        first row and 'stop' after it. A target's adapter input grows monotonically along the sweep, so when
+        'from' is usable an unusable later value means 'to' is not."""
+        return [{m: "hold" if m not in self.swept_metrics else "start" if index == 0 else "stop" for m in row}
+                for index, row in enumerate(self.rows)]
 
 
 def build_sweep(adapter_metrics: Sequence[str], metrics_text: str, start: float, stop: float, steps: int,
@@ -159,6 +183,17 @@ def build_sweep(adapter_metrics: Sequence[str], metrics_text: str, start: float,
                 entry[metric] = None
         raw.append(entry)
     return SweepTargets(mode, swept, [float(v) for v in values], rows, spacing, raw)
+
+
+def sweep_tokens(adapter, metrics_text: str, start: float, stop: float, steps: int, mode: str, spacing: str,
+                 hold: str, negative_scale: float, max_rows: int) -> tuple[QualityTokens, SweepTargets]:
+    """The sweep node's inputs -> (tokens, targets): one token row per swept target, at most `max_rows`."""
+    quality.check_score_adapter(adapter.descriptor)
+    check_sweep_inputs(metrics_text, start, stop, steps, mode, spacing, hold, negative_scale)
+    targets = build_sweep(adapter.descriptor.metrics, metrics_text, start, stop, steps, mode, spacing, hold,
+                          adapter.descriptor)
+    check_row_count(len(targets), max_rows, "sweep targets", "steps")
+    return quality.encode_targets(adapter, targets.rows, mode, negative_scale, targets.value_inputs()), targets
 
 
 def targets_text(rows: Sequence[dict[str, float]]) -> str:

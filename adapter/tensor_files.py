@@ -49,12 +49,6 @@ def _short_path(path) -> str:
 class TensorEntry:
     dtype: str  # safetensors dtype name ('F32', ...)
     shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 def _loads_json(raw: bytes, path, what: str):
@@ -104,7 +98,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEn
             raise TensorFileError(path, f"key {quote(key)}: header says bytes {begin}..{end} for {dtype}{shape} "
                                         f"({expected} bytes) but the data section has {data_len} bytes "
                                         "(truncated or corrupt file)")
-        entries[key] = TensorEntry(dtype, tuple(shape), begin, end)
+        entries[key] = TensorEntry(dtype, tuple(shape))
     return entries, metadata
 
 

@@ -28,7 +28,7 @@ def random_full_sd_vae(seed: int = 0):
     import comfy.sd
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
+    from comfyui_iqa_adapter.scripts.random_weights import alive_state_dict
 
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -52,6 +52,7 @@ def main() -> None:
     comfy = common.import_host_comfy()
     import torch
     from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.scripts import random_weights
     from comfyui_iqa_adapter.nodes import guidance_nodes
 
     model, clip, tiny_vae, _ = comfy.sd.load_checkpoint_guess_config(
@@ -59,7 +60,7 @@ def main() -> None:
     full_vae = random_full_sd_vae()
     folder = tempfile.mkdtemp(prefix="bench-guidance-")
     torch.manual_seed(0)
-    iqa_models.write_random_weights(args.metric, folder, seed=0)
+    random_weights.write_random_weights(args.metric, folder, seed=0)
     metric = iqa_models.load_metric(args.metric, [folder], device="cpu", differentiable=True, use_cache=False)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))

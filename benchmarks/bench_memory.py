@@ -31,15 +31,15 @@ def child(with_adapter: bool, size: int, steps: int) -> None:
     import torch
     import comfy.sample
     import comfy.sd
-    from comfyui_iqa_adapter.adapter import checkpoint, projection, quality
+    from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 
     host = common.host_dir()
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(host / "models" / "checkpoints" / CHECKPOINT))
     if with_adapter:
-        adapter = checkpoint.load_adapter(host / "models" / "iqa_adapter" / ADAPTER)
+        adapter = iqa_adapter.load_adapter(host / "models" / "iqa_adapter" / ADAPTER)
         target = {metric: 90.0 for metric in adapter.descriptor.metrics}
-        tokens = projection.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, target))
+        tokens = iqa_adapter.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, target))
         model = adapter_patch.apply_iqa_adapter(model, adapter, tokens, 1.0)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))

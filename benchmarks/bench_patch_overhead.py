@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from comfyui_iqa_adapter.adapter.synthetic import SD15_UNET_CONFIG as SD15_FULL
-from comfyui_iqa_adapter.adapter.synthetic import SDXL_UNET_CONFIG as SDXL_FULL
 from comfyui_iqa_adapter.scripts.comfy_server import host_dir, import_host
+from comfyui_iqa_adapter.scripts.random_weights import SD15_UNET_CONFIG as SD15_FULL
+from comfyui_iqa_adapter.scripts.random_weights import SDXL_UNET_CONFIG as SDXL_FULL
 
 HOST = host_dir()  # the selected host (IQA_TEST_HOST, see scripts/comfy_server.py)
 import_host(HOST, cpu=True)
@@ -30,12 +30,12 @@ import_host(HOST, cpu=True)
 def measure(quick: bool):
     import comfy.sample
     import comfy.sd
-    from comfyui_iqa_adapter.adapter import checkpoint, projection, quality
+    from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(HOST / "models" / "checkpoints" / "tiny_sd15.safetensors"))
-    adapter = checkpoint.load_adapter(HOST / "models" / "iqa_adapter" / "tiny_sd15_iqa_adapter.safetensors")
-    tokens = projection.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 99, "laion_aes": 99}))
+    adapter = iqa_adapter.load_adapter(HOST / "models" / "iqa_adapter" / "tiny_sd15_iqa_adapter.safetensors")
+    tokens = iqa_adapter.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 99, "laion_aes": 99}))
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens, 1.0)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))

@@ -36,12 +36,13 @@ def main(argv=None) -> int:
 
     comfy_server.import_host(cpu=True)
     from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.scripts import random_weights
     from comfyui_iqa_adapter.nodes import metric_nodes
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     folder = tempfile.mkdtemp(prefix="bench_iqa_")
     os.environ["TORCH_HOME"] = os.path.join(folder, "torch_home")
-    files = iqa_models.write_random_weights(args.metric, folder, seed=0)
+    files = random_weights.write_random_weights(args.metric, folder, seed=0)
     metric = iqa_models.load_metric(args.metric, [folder], "cpu")
 
     direct = pyiqa.create_metric(args.metric, device="cpu", **_no_weights_kwargs(args.metric))

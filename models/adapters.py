@@ -120,8 +120,3 @@ def match_catalog(file_name: str, input_dim: int | None = None) -> tuple[Catalog
     return winners[0], []
 
 
-def entry_by_name(name: str) -> CatalogEntry:
-    for entry in CATALOG:
-        if entry.name == name:
-            return entry
-    raise KeyError(f"no catalog entry named {name!r}")

@@ -1,11 +1,10 @@
 """IQA-Adapter nodes: load an adapter, encode quality targets into tokens, apply them to a model, save/load tokens.
 
 Thin glue: reading/validating files is adapter/checkpoint.py, targets -> vectors adapter/quality.py,
-tokens adapter/projection.py, the attention patch nodes/adapter_patch.py.
+tokens adapter/iqa_adapter.py, the attention patch nodes/adapter_patch.py.
 """
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import threading
@@ -13,36 +12,30 @@ import threading
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter import checkpoint, errors, projection, quality
-from ..adapter.files import check_user_path, file_signature
+from ..adapter import checkpoint, errors, iqa_adapter, projection
 from ..adapter import quality as quality_module  # 'quality' is also the encode node's input name
-from ..models import metrics as metric_catalog
-from ..models import stats as cc3m
-from . import adapter_patch, graph, presentation
+from ..adapter.errors import InputError
+from ..adapter.files import check_user_path, file_signature
+from . import adapter_patch, graph, inputs, presentation, types
 from .limits import host_batch_cap
 from .paths import ADAPTER_FOLDER
 
-IQAAdapterType = io.Custom("IQA_ADAPTER")
-QualityTokensType = io.Custom("QUALITY_TOKENS")
 TOKENS_EXTENSION = ".safetensors"
 
 # Loaded adapters by weights file and descriptor (checkpoint.adapter_cache_key): a replaced weights file or an
 # edited, broken or deleted sidecar JSON is read again.
-_ADAPTER_CACHE: dict[tuple, checkpoint.IQAAdapter] = {}
+_ADAPTER_CACHE: dict[tuple, iqa_adapter.IQAAdapter] = {}
 _ADAPTER_CACHE_LOCK = threading.Lock()
 _ADAPTER_CACHE_SIZE = 4
 
 
-_fail = errors.fail  # raises `Display Name: input: message` (errors.NodeInputError, a ValueError)
-
-
-def load_adapter_cached(path: str) -> checkpoint.IQAAdapter:
+def load_adapter_cached(path: str) -> iqa_adapter.IQAAdapter:
     key = checkpoint.adapter_cache_key(path)
     with _ADAPTER_CACHE_LOCK:
         cached = _ADAPTER_CACHE.get(key)
     if cached is not None:
         return cached
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     with _ADAPTER_CACHE_LOCK:
         for stale in [k for k in _ADAPTER_CACHE if k[0] == key[0]]:
             del _ADAPTER_CACHE[stale]
@@ -71,7 +64,7 @@ class IQAAdapterLoader(io.ComfyNode):
                                tooltip="An adapter file in models/iqa_adapter (.safetensors or .bin). Use one made "
                                        "for your checkpoint's family (SDXL or SD1.5)."),
             ],
-            outputs=[IQAAdapterType.Output(display_name="adapter")],
+            outputs=[types.Adapter.Output(display_name="adapter")],
         )
 
     @classmethod
@@ -83,8 +76,8 @@ class IQAAdapterLoader(io.ComfyNode):
         listing = (f"files there: {', '.join(present[:20])}{' …' if len(present) > 20 else ''}" if present
                    else "the folder is empty: put an IQA-Adapter .safetensors file there")
         return presentation.invalid("IQAAdapterLoader", "adapter_name",
-                                    f"{presentation.quoted(adapter_name)} is not in {folders}; {listing}"
-                                    f"{presentation.did_you_mean(adapter_name, present)}")
+                                    f"{errors.quote(adapter_name)} is not in {folders}; {listing}"
+                                    f"{errors.did_you_mean(adapter_name, present)}")
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name):
@@ -101,90 +94,24 @@ class IQAAdapterLoader(io.ComfyNode):
         check_user_path(adapter_name, "adapter_name")
         path = folder_paths.get_full_path(ADAPTER_FOLDER, adapter_name)
         if path is None:
-            _fail("IQAAdapterLoader", "adapter_name", f"{presentation.quoted(adapter_name)} not found in models/{ADAPTER_FOLDER}")
-        try:
-            adapter = load_adapter_cached(path)
-        except ValueError as error:
-            _fail("IQAAdapterLoader", "adapter_name", str(error))
-        return io.NodeOutput(adapter)
+            raise InputError(f"{errors.quote(adapter_name)} not found in models/{ADAPTER_FOLDER}", "adapter_name")
+        return io.NodeOutput(load_adapter_cached(path))
 
 
-QUALITY_CHOICES = [*quality.QUALITY_PRESETS, "custom"]
 ENCODE = "IQAAdapterEncodeTarget"
 
 
-def known_metric_names() -> set[str]:
-    return set(metric_catalog.offered_metric_names()) | set(cc3m.known_metrics())
-
-
-def _slider_percentile(quality_choice: str, percentile: float) -> float:
-    return quality.QUALITY_PRESETS.get(quality_choice, float(percentile))
-
-
-def check_encode_inputs(quality_choice, percentile, targets, mode, negative_scale) -> tuple[str, str] | None:
-    """(input, problem) for the first input the encode node cannot use, else None. Shared by queue-time
-    validation and execution."""
-    if quality_choice not in QUALITY_CHOICES:
-        return "quality", f"expected one of {', '.join(QUALITY_CHOICES)}, got {presentation.quoted(quality_choice)}"
-    if mode not in quality.TARGET_MODES:
-        return "mode", f"expected one of {', '.join(quality.TARGET_MODES)}, got {presentation.quoted(mode)}"
-    if not (isinstance(percentile, (int, float)) and 1.0 <= float(percentile) <= 99.0):
-        return "percentile", f"expected a percentile from 1 to 99, got {presentation.quoted(percentile)}"
-    preset = quality.QUALITY_PRESETS.get(quality_choice)
-    if preset is not None and float(percentile) != preset:
-        return "percentile", (f"{float(percentile):g} would be ignored while quality is '{quality_choice}' "
-                              f"(= {preset:g}); set quality to 'custom' to use the slider")
-    if not (isinstance(negative_scale, (int, float)) and math.isfinite(negative_scale)
-            and -10.0 <= negative_scale <= 10.0):
-        return "negative_scale", f"expected a number from -10 to 10, got {presentation.quoted(negative_scale)}"
-    if not str(targets).strip():
-        if mode != "percentile":
-            return "mode", (f"'{mode}' applies to values typed in 'targets', which is empty; type targets "
-                            f"or set mode to percentile")
-        return None
-    try:
-        rows = quality.parse_targets(str(targets))
-    except ValueError as error:
-        return "targets", str(error)
-    known = known_metric_names()
-    for number, row in enumerate(rows, start=1):
-        for metric, value in row.items():
-            if metric not in known:
-                return "targets", (f"row {number}: unknown metric {presentation.quoted(metric)}"
-                                   f"{presentation.did_you_mean(metric, known)}")
-            problem = quality.target_range_problem(value, mode)
-            if problem:
-                return "targets", f"row {number}, {metric}: {problem}"
-    return None
-
-
-def _row_count(targets: str) -> int:
-    try:
-        return len(quality.parse_targets(targets)) if str(targets).strip() else 1
-    except ValueError:
-        return 0
-
-
-def batch_problem(rows: int, batches: list[tuple[str, int]]) -> str | None:
-    for sampler, batch in batches:
-        if rows > 1 and batch != rows:
-            return (f"{rows} target rows but the latent batch of sampler #{sampler} is {batch}; set its batch "
-                    f"size to {rows} (wire this node's 'count' output into it) or use one row")
-    return None
-
-
-def encode_summary(descriptor, rows: list[dict], given: list[dict], mode: str, fallback: float,
-                   warnings: list[str]) -> str:
-    names = list(descriptor.metrics)
+def encode_summary(descriptor, encoded: quality_module.EncodedTargets, mode: str) -> str:
+    names, rows = list(descriptor.metrics), encoded.rows
     unit = {"percentile": "percentile", "zscore": "z-score", "raw": "raw score"}[mode]
     lines = [f"**Quality target** ({len(rows)} row{'s' if len(rows) != 1 else ''}, {unit})", "",
              "| row | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-    for number, (row, typed) in enumerate(zip(rows, given), start=1):
+    for number, (row, typed) in enumerate(zip(rows, encoded.typed), start=1):
         cells = [f"{row[m]:.4g}" + ("" if m in typed else " (slider)") for m in names]
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
-    if any(len(typed) < len(names) for typed in given):
-        lines += ["", f"(slider) = percentile {fallback:g} from quality/percentile"]
-    lines += [""] + [f"- ⚠ {w}" for w in warnings]
+    if any(len(typed) < len(names) for typed in encoded.typed):
+        lines += ["", f"(slider) = percentile {encoded.fallback:g} from quality/percentile"]
+    lines += [""] + [f"- ⚠ {w}" for w in encoded.warnings]
     return "\n".join(lines).rstrip()
 
 
@@ -198,8 +125,8 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
                         "image in 'targets'; metrics a row leaves out use the preset/slider. Wire 'count' into the "
                         "latent batch size.",
             inputs=[
-                IQAAdapterType.Input("adapter", tooltip="From Load Quality Adapter."),
-                io.Combo.Input("quality", options=QUALITY_CHOICES, default="best",
+                types.Adapter.Input("adapter", tooltip="From Load Quality Adapter."),
+                io.Combo.Input("quality", options=list(quality_module.QUALITY_CHOICES), default="best",
                                tooltip="best = 99, high = 90, good = 75, average = 50, low = 25, worst = 1 "
                                        "(percentiles). 'custom' uses the slider below. Start with best."),
                 io.Float.Input("percentile", default=99.0, min=1.0, max=99.0, step=1.0,
@@ -211,7 +138,7 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
                                         "'topiq_nr=99, laion_aes=50' (rows separated by new lines or ';'). "
                                         "Metrics a row leaves out use the percentile above. Empty = one image "
                                         "at the percentile above."),
-                io.Combo.Input("mode", options=list(quality.TARGET_MODES), default="percentile",
+                io.Combo.Input("mode", options=list(quality_module.TARGET_MODES), default="percentile",
                                tooltip="Units of the numbers typed in 'targets': percentile (1-99), zscore "
                                        "(about -3 to 3; beyond ±4 warns) or raw (the metric's own scale)."),
                 io.Float.Input("negative_scale", default=0.0, min=-10.0, max=10.0, step=0.05,
@@ -219,7 +146,7 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
                                        "pushes away from low quality: the authors use 0.5 when they turn it on "
                                        "(try 0.5-1); too high over-sharpens."),
             ],
-            outputs=[QualityTokensType.Output(display_name="tokens"),
+            outputs=[types.QualityTokens.Output(display_name="tokens"),
                      io.Int.Output(display_name="count", tooltip="Number of target rows: wire into batch_size.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -229,39 +156,22 @@ class IQAAdapterEncodeTarget(io.ComfyNode):
         values = (quality, percentile, targets, mode, negative_scale)
         if any(v is None for v in values):  # wired from another node: checked when the node runs
             return True
-        problem = check_encode_inputs(*values)
-        if problem is None:
-            problem = ("targets", batch_problem(_row_count(targets), graph.recorded_batches(
-                cls.hidden.unique_id if cls.hidden else None,
-                {"quality": quality, "percentile": percentile, "targets": targets, "mode": mode})))
-        if problem[1] is None:
-            return True
-        return presentation.invalid(ENCODE, *problem)
+        return presentation.validation(ENCODE, cls._check_queued, *values)
+
+    @classmethod
+    def _check_queued(cls, quality, percentile, targets, mode, negative_scale) -> None:
+        rows = quality_module.check_target_inputs(quality, percentile, targets, mode, negative_scale)
+        graph.check_batches(cls.hidden.unique_id if cls.hidden else None,
+                            {"quality": quality, "percentile": percentile, "targets": targets, "mode": mode},
+                            max(1, len(rows)), "targets")
 
     @classmethod
     @errors.node_errors(ENCODE, "targets")
     def execute(cls, adapter, quality, percentile, targets, mode, negative_scale) -> io.NodeOutput:
-        node = ENCODE
-        descriptor = adapter.descriptor
-        if descriptor.kind != "score":
-            _fail(node, "adapter", "this is a reference-image adapter; use Quality From Reference Image instead")
-        problem = check_encode_inputs(quality, percentile, targets, mode, negative_scale)
-        if problem:
-            _fail(node, *problem)
-        fallback = _slider_percentile(quality, percentile)
-        limit = projection.max_rows_for(adapter.info, host_batch_cap())
-        given = quality_module.parse_targets(targets, limit) if targets.strip() else [{}]
-        try:
-            rows = quality_module.complete_rows(descriptor, given, fallback, mode)
-            vectors = quality_module.build_quality_vector(descriptor, rows, mode)
-            labels = [quality_module.describe_target(descriptor, row, mode) for row in rows]
-            tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
-        except ValueError as error:
-            _fail(node, "targets" if targets.strip() else "percentile", str(error))
-        warnings = [w for row in given for value in row.values()
-                    if (w := quality_module.target_warning(value, mode))]
-        summary = encode_summary(descriptor, rows, given, mode, fallback, list(dict.fromkeys(warnings)))
-        return io.NodeOutput(tokens, len(rows), ui=presentation.markdown(summary))
+        encoded = quality_module.target_tokens(adapter, quality, percentile, targets, mode, negative_scale,
+                                               projection.max_rows_for(adapter.info, host_batch_cap()))
+        summary = encode_summary(adapter.descriptor, encoded, mode)
+        return io.NodeOutput(encoded.tokens, len(encoded.rows), ui=presentation.markdown(summary))
 
 
 class IQAAdapterApply(io.ComfyNode):
@@ -273,8 +183,8 @@ class IQAAdapterApply(io.ComfyNode):
                         "other patches; the input model itself is left unchanged).",
             inputs=[
                 io.Model.Input("model"),
-                IQAAdapterType.Input("adapter", tooltip="From Load Quality Adapter."),
-                QualityTokensType.Input("tokens", tooltip="From Quality Target: one row for every image, or one "
+                types.Adapter.Input("adapter", tooltip="From Load Quality Adapter."),
+                types.QualityTokens.Input("tokens", tooltip="From Quality Target: one row for every image, or one "
                                                           "row per image of the batch."),
                 io.Float.Input("weight", default=1.0, min=-2.0, max=5.0, step=0.05,
                                tooltip="How strongly quality steers the image. 1 = as trained and the authors' "
@@ -290,7 +200,7 @@ class IQAAdapterApply(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_at=None, end_at=None):
-        return presentation.check_schedule("IQAAdapterApply", start_at, end_at)
+        return presentation.validation("IQAAdapterApply", inputs.check_schedule, start_at, end_at)
 
     @classmethod
     @errors.node_errors("IQAAdapterApply", "tokens")
@@ -313,7 +223,7 @@ class IQAAdapterSaveTokens(io.ComfyNode):
             description="Save quality tokens (with the targets they stand for) as .safetensors in the output "
                         "folder, to reuse them without the adapter's projection.",
             inputs=[
-                QualityTokensType.Input("tokens"),
+                types.QualityTokens.Input("tokens"),
                 io.String.Input("filename_prefix", default="iqa_tokens/tokens",
                                 tooltip="Path prefix inside the output folder."),
             ],
@@ -329,7 +239,7 @@ class IQAAdapterSaveTokens(io.ComfyNode):
         try:
             full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         except Exception as error:  # noqa: BLE001 - the host raises a bare Exception for prefixes leaving output/
-            _fail("IQAAdapterSaveTokens", "filename_prefix", str(error))
+            raise InputError(str(error), "filename_prefix") from None
         name = f"{filename}_{counter:05}_{TOKENS_EXTENSION}"
         os.makedirs(full_folder, exist_ok=True)
         tokens.save(os.path.join(full_folder, name))
@@ -365,7 +275,7 @@ class IQAAdapterLoadTokens(io.ComfyNode):
                 io.Combo.Input("file", options=_token_files(),
                                tooltip="A tokens .safetensors file; '[output]' marks files in the output folder."),
             ],
-            outputs=[QualityTokensType.Output(display_name="tokens")],
+            outputs=[types.QualityTokens.Output(display_name="tokens")],
         )
 
     @classmethod
@@ -381,12 +291,8 @@ class IQAAdapterLoadTokens(io.ComfyNode):
     def execute(cls, file) -> io.NodeOutput:
         path = _token_path(check_user_path(file, "file"))
         if path is None:
-            _fail("IQAAdapterLoadTokens", "file", f"{presentation.quoted(file)} points outside the input/output folders")
-        try:
-            tokens = projection.QualityTokens.load(path, host_batch_cap())
-        except ValueError as error:
-            _fail("IQAAdapterLoadTokens", "file", str(error))
-        return io.NodeOutput(tokens)
+            raise InputError(f"{errors.quote(file)} points outside the input/output folders", "file")
+        return io.NodeOutput(projection.QualityTokens.load(path, host_batch_cap()))
 
 
 NODES = [IQAAdapterLoader, IQAAdapterEncodeTarget, IQAAdapterApply, IQAAdapterSaveTokens, IQAAdapterLoadTokens]

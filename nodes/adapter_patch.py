@@ -33,7 +33,10 @@ import sys
 import torch
 
 from ..adapter import attention as adapter_attention
+from ..adapter import errors, projection
 from ..adapter import layers as adapter_layers
+from ..adapter.errors import InputError
+from .inputs import check_schedule
 
 NODE = "IQAAdapterApply"
 
@@ -45,8 +48,8 @@ def _diffusion_model(model):
     unet = getattr(inner, "diffusion_model", None)
     if unet is None or not all(hasattr(unet, name) for name in ("input_blocks", "middle_block", "output_blocks")):
         kind = type(inner).__name__ if inner is not None else type(model).__name__
-        raise ValueError(f"{NODE}: model: {kind} has no LDM UNet (input_blocks/middle_block/output_blocks); "
-                         "IQA-Adapter works with SD1.5 / SDXL-family UNets")
+        raise InputError(f"{kind} has no LDM UNet (input_blocks/middle_block/output_blocks); "
+                         "IQA-Adapter works with SD1.5 / SDXL-family UNets", "model")
     return unet
 
 
@@ -71,20 +74,20 @@ def unet_cross_attention_layers(model) -> tuple[list[tuple[str, int, int]], list
             if not transformers:
                 continue
             if len(transformers) > 1:
-                raise ValueError(f"{NODE}: model: block ({block_name}, {block_id}) holds {len(transformers)} "
-                                 "spatial transformers; the host's patch keys cannot tell them apart")
+                raise InputError(f"block ({block_name}, {block_id}) holds {len(transformers)} "
+                                 "spatial transformers; the host's patch keys cannot tell them apart", "model")
             blocks_in = list(transformers[0].transformer_blocks)
             layout.append((block_name, block_id, len(blocks_in)))
             for j, tb in enumerate(blocks_in):
                 if tb.attn2 is None:
-                    raise ValueError(f"{NODE}: model: layer ({block_name}, {block_id}, {j}) has no cross-attention")
+                    raise InputError(f"layer ({block_name}, {block_id}, {j}) has no cross-attention", "model")
                 widths[(block_name, block_id, j)] = int(tb.attn2.to_k.weight.shape[0])
                 context_dims.add(int(tb.attn2.to_k.weight.shape[1]))
     keys = adapter_layers.ordered_layer_keys(layout)
     if not keys:
-        raise ValueError(f"{NODE}: model: the UNet has no cross-attention layers")
+        raise InputError("the UNet has no cross-attention layers", "model")
     if len(context_dims) != 1:
-        raise ValueError(f"{NODE}: model: cross-attention layers take different context sizes {sorted(context_dims)}")
+        raise InputError(f"cross-attention layers take different context sizes {sorted(context_dims)}", "model")
     return keys, [widths[k] for k in keys], context_dims.pop()
 
 
@@ -94,7 +97,7 @@ def check_adapter_fits(model, adapter) -> list[tuple[str, int, int]]:
         adapter_layers.check_layers_match(adapter.info.layer_widths, adapter.info.cross_attention_dim, widths,
                                           context_dim, adapter_name=f"adapter ({adapter.info.base})")
     except ValueError as error:
-        raise ValueError(f"{NODE}: adapter: {error}") from None
+        raise InputError(str(error), "adapter") from None
     return keys
 
 
@@ -233,9 +236,10 @@ class IQAAttn2Patch:
         if cached is not None:
             return cached
         if self.targets not in (1, chunk_batch):
-            raise ValueError(f"{NODE}: tokens: the quality tokens hold {self.targets} targets but the latent batch is "
-                             f"{chunk_batch}; give 1 target (used for every image) or exactly {chunk_batch} "
-                             "(target i for image i)")
+            # raised while sampling, outside this node's execute: named here
+            raise errors.NodeInputError(NODE, "tokens", f"the quality tokens hold {self.targets} targets but the "
+                                        f"latent batch is {chunk_batch}; give 1 target (used for every image) or "
+                                        f"exactly {chunk_batch} (target i for image i)")
         k_cond, v_cond, k_uncond, v_uncond = self._kv_on(q.device, q.dtype)
         ks, vs = [], []
         for kind in cond_or_uncond:  # 0 = cond, 1 = uncond (host convention)
@@ -291,37 +295,29 @@ def _clone_gets_own_views(parent, clone) -> None:
 
 def _check_tokens(adapter, tokens) -> None:
     if tokens.cross_attention_dim != adapter.info.cross_attention_dim:
-        raise ValueError(f"{NODE}: tokens: quality tokens have width {tokens.cross_attention_dim} but the adapter "
-                         f"expects C={adapter.info.cross_attention_dim} (tokens made by another adapter?)")
+        raise InputError(f"quality tokens have width {tokens.cross_attention_dim} but the adapter "
+                         f"expects C={adapter.info.cross_attention_dim} (tokens made by another adapter?)", "tokens")
     if tokens.num_tokens != adapter.info.num_tokens:
-        raise ValueError(f"{NODE}: tokens: {tokens.num_tokens} quality tokens per target but the adapter was trained "
-                         f"with N={adapter.info.num_tokens} (tokens made by another adapter?)")
+        raise InputError(f"{tokens.num_tokens} quality tokens per target but the adapter was trained "
+                         f"with N={adapter.info.num_tokens} (tokens made by another adapter?)", "tokens")
 
 
 # Keys/values are cast to the model's dtype while sampling: beyond fp16's range they become inf (black images).
 KV_VALUE_LIMIT = 6.0e4
 
 
+@errors.node_errors(NODE, "tokens")
 def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: float = 0.0, end_at: float = 1.0,
                       host_batch_cap: int = 4096):
     """A clone of `model` with the adapter's decoupled cross-attention on every attn2 layer."""
-    import math
-
-    from ..adapter import projection
-
     if not math.isfinite(weight):
-        raise ValueError(f"{NODE}: weight: must be a finite number, got {weight}")
-    if not (0.0 <= start_at <= 1.0 and 0.0 <= end_at <= 1.0):
-        raise ValueError(f"{NODE}: start_at/end_at: must be in [0, 1], got {start_at} and {end_at}")
-    if start_at > end_at:
-        raise ValueError(f"{NODE}: start_at: must not be after end_at, got start_at={start_at} > end_at={end_at}")
+        raise InputError(f"must be a finite number, got {weight}", "weight")
+    check_schedule(start_at, end_at)
     _check_tokens(adapter, tokens)
-    try:  # before any key/value is computed: the rows' memory follows from the adapter's architecture
-        projection.check_row_count(tokens.batch_size, projection.max_rows_for(adapter.info, host_batch_cap),
-                                   "token rows (targets)")
-        projection.check_token_values(tokens.cond, tokens.uncond)
-    except ValueError as error:
-        raise ValueError(f"{NODE}: tokens: {error}") from None
+    # before any key/value is computed: the rows' memory follows from the adapter's architecture
+    projection.check_row_count(tokens.batch_size, projection.max_rows_for(adapter.info, host_batch_cap),
+                               "token rows (targets)", "tokens")
+    projection.check_token_values(tokens.cond, tokens.uncond, "tokens")
     keys = check_adapter_fits(model, adapter)
 
     patched = model.clone()
@@ -334,9 +330,9 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
     for k_all, v_all in kv:
         peak = max(float(k_all.abs().max()), float(v_all.abs().max()))
         if not math.isfinite(peak) or peak > KV_VALUE_LIMIT:
-            raise ValueError(f"{NODE}: tokens: these quality tokens give attention keys/values of {peak:.3g} in this "
+            raise InputError(f"these quality tokens give attention keys/values of {peak:.3g} in this "
                              f"adapter (limit {KV_VALUE_LIMIT:g}, beyond it half-precision sampling makes black "
-                             "images); use tokens from moderate targets")
+                             "images); use tokens from moderate targets", "tokens")
     b = tokens.cond.shape[0]
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     label = getattr(adapter, "path", "")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 
+from ..adapter.errors import InputError
+
 TOKEN_SOURCES = ("IQAAdapterEncodeTarget", "IQATargetSweep")
 SEED_INPUTS = ("seed", "noise_seed")
 MODEL_FILE_INPUTS = ("ckpt_name", "unet_name", "model_name")
@@ -172,6 +174,16 @@ def recorded_batches(node_id, inputs: dict) -> list[tuple[str, int]]:
     recorded, batches = entry
     same = all(recorded.get(k) == v for k, v in inputs.items() if k in recorded)
     return batches if same else []
+
+
+def check_batches(node_id, inputs: dict, rows: int, input_name: str) -> None:
+    """`rows` token rows against the latent batches this node's tokens meet in the current prompt (as
+    recorded for these `inputs`): 1 row fits any batch, more must equal it."""
+    for sampler, batch in recorded_batches(node_id, inputs):
+        if rows > 1 and batch != rows:
+            raise InputError(f"{rows} target rows but the latent batch of sampler #{sampler} is {batch}; set its "
+                             f"batch size to {rows} (wire this node's 'count' output into it) or use one row",
+                             input_name)
 
 
 def register_prompt_hook() -> None:

@@ -15,6 +15,7 @@ Devices are the host's (`comfy.model_management`: --cpu, --cuda-device, MPS, XPU
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.model_management
 import comfy.utils
@@ -23,7 +24,10 @@ import torch
 from comfy_api.latest import io
 
 from ..adapter import errors, guidance, iqa_models
-from . import metric_nodes, presentation
+from ..adapter.errors import InputError
+from . import presentation, types
+from .host_models import host_managed, memory_managed
+from .inputs import check_schedule
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
@@ -31,10 +35,6 @@ MIN_SCORED_SIZE = 32  # smallest longer side a decoded estimate is resized to be
 logger = logging.getLogger(__name__)
 
 GUIDANCE_MODELS = "iqa_gradient_guidance"  # key of the guided model's additional models
-
-
-def _fail(input_name: str, message: str) -> ValueError:
-    return errors.NodeInputError(NODE, input_name, message)
 
 
 def _latent_format(model):
@@ -48,8 +48,8 @@ def _to_vae_latent(latent_format):
 
 def _check_image_latents(latent_format):
     if getattr(latent_format, "latent_dimensions", 2) != 2:
-        raise _fail("model", f"the latent format {type(latent_format).__name__} is a video format; gradient quality "
-                             "guidance scores images and supports image models only (SD1.5, SDXL and the like)")
+        raise InputError(f"the latent format {type(latent_format).__name__} is a video format; gradient quality "
+                         "guidance scores images and supports image models only (SD1.5, SDXL and the like)", "model")
 
 
 def _taesd_latent_channels(state: dict, latent_format) -> int:
@@ -59,9 +59,9 @@ def _taesd_latent_channels(state: dict, latent_format) -> int:
     conv_in = int(state["1.weight"].shape[1]) if "1.weight" in state else wanted
     if conv_in == wanted or (wanted == 4 * conv_in and wanted == 128):
         return wanted
-    raise _fail("decoder", f"the TAESD decoder file takes {conv_in} latent channels but the model's latent format "
-                           f"{type(latent_format).__name__} has {wanted}; put the model's own TAESD decoder in "
-                           "models/vae_approx or use decoder 'vae'")
+    raise InputError(f"the TAESD decoder file takes {conv_in} latent channels but the model's latent format "
+                     f"{type(latent_format).__name__} has {wanted}; put the model's own TAESD decoder in "
+                     "models/vae_approx or use decoder 'vae'", "decoder")
 
 
 def _taesd_module(latent_format) -> torch.nn.Module:
@@ -70,13 +70,13 @@ def _taesd_module(latent_format) -> torch.nn.Module:
 
     name = getattr(latent_format, "taesd_decoder_name", None)
     if not name:
-        raise _fail("decoder", f"'taesd' is not available for the latent format {type(latent_format).__name__} "
-                               f"(no TAESD decoder exists for it); use decoder 'vae'.")
+        raise InputError(f"'taesd' is not available for the latent format {type(latent_format).__name__} "
+                         f"(no TAESD decoder exists for it); use decoder 'vae'.", "decoder")
     candidates = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name + ".")]
     if not candidates:
         folders = ", ".join(folder_paths.get_folder_paths("vae_approx"))
-        raise _fail("decoder", f"'taesd' needs '{name}.safetensors' (or .pth) in models/vae_approx "
-                               f"(searched: {folders}); put the file there or use decoder 'vae'.")
+        raise InputError(f"'taesd' needs '{name}.safetensors' (or .pth) in models/vae_approx "
+                         f"(searched: {folders}); put the file there or use decoder 'vae'.", "decoder")
     path = folder_paths.get_full_path_or_raise("vae_approx", min(candidates))
     with torch.inference_mode(False):
         state = comfy.utils.load_torch_file(path, safe_load=True)
@@ -84,8 +84,8 @@ def _taesd_module(latent_format) -> torch.nn.Module:
         try:
             module.taesd_decoder.load_state_dict(state)
         except RuntimeError as error:
-            raise _fail("decoder", f"'{path}' is not a TAESD decoder this host can load for "
-                                   f"{type(latent_format).__name__} ({str(error).splitlines()[0]})") from None
+            raise InputError(f"'{path}' is not a TAESD decoder this host can load for "
+                             f"{type(latent_format).__name__} ({str(error).splitlines()[0]})", "decoder") from None
         # TAESD decodes the sampler-space latent: undo process_out's scaling/shift exactly.
         module.vae_scale.data.fill_(float(latent_format.scale_factor))
         module.vae_shift.data.fill_(float(getattr(latent_format, "shift_factor", None) or 0.0))
@@ -115,80 +115,74 @@ def _own_vae_module(vae) -> torch.nn.Module:
         try:
             return patcher.clone(disable_dynamic=True).model
         except RuntimeError as error:  # a VAE the host cannot load again (not from a core loader)
-            raise _fail("vae", f"this VAE is managed by the host's dynamic VRAM and cannot be reloaded without it "
-                               f"({error}); load it with a core loader (VAELoader, CheckpointLoaderSimple) or use "
-                               "decoder 'taesd'") from None
+            raise InputError(f"this VAE is managed by the host's dynamic VRAM and cannot be reloaded without it "
+                             f"({error}); load it with a core loader (VAELoader, CheckpointLoaderSimple) or use "
+                             "decoder 'taesd'", "vae") from None
     # Plain torch module (no native buffers on hosts without dynamic loading): a twin with its own tensors.
     return guidance.frozen_twin(vae.first_stage_model)
 
 
 def _check_decoder(decoder: str, vae, latent_format) -> None:
     if decoder not in DECODERS:
-        raise _fail("decoder", f"expected one of {', '.join(DECODERS)}, got {presentation.quoted(decoder)}")
+        raise InputError(f"expected one of {', '.join(DECODERS)}, got {errors.quote(decoder)}", "decoder")
     if decoder != "vae":
         return
     if vae is None:
-        raise _fail("vae", "decoder 'vae' needs a VAE connected")
+        raise InputError("decoder 'vae' needs a VAE connected", "vae")
     module = getattr(vae, "first_stage_model", None)
     if module is None or not hasattr(module, "decode"):
-        raise _fail("vae", f"this VAE ({type(module).__name__}) has no differentiable decoder")
+        raise InputError(f"this VAE ({type(module).__name__}) has no differentiable decoder", "vae")
     vae_channels = _decoder_latent_channels(module, getattr(vae, "latent_channels", None))
     if vae_channels is not None and vae_channels != latent_format.latent_channels:
-        raise _fail("vae", f"the VAE has {vae_channels} latent channels but the model's latent format "
-                           f"{type(latent_format).__name__} has {latent_format.latent_channels}; connect "
-                           f"the VAE that belongs to this model.")
+        raise InputError(f"the VAE has {vae_channels} latent channels but the model's latent format "
+                         f"{type(latent_format).__name__} has {latent_format.latent_channels}; connect "
+                         f"the VAE that belongs to this model.", "vae")
 
 
 def _decoder_module(decoder: str, vae, latent_format) -> torch.nn.Module:
     return _own_vae_module(vae) if decoder == "vae" else _taesd_module(latent_format)
 
 
-def host_managed(module: torch.nn.Module, device: torch.device):
-    """`module` as a host ModelPatcher (plain, never dynamic): the host loads it to `device`, counts it and may
-    offload it between uses."""
-    import comfy.model_patcher
-
-    return comfy.model_patcher.ModelPatcher(module, load_device=device,
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
 def _check_metric(metric):
     if metric is None or not hasattr(metric, "score") or not hasattr(metric, "net"):
-        raise _fail("metric", "expected an IQA_METRIC from IQAMetricLoader")
+        raise InputError("expected an IQA_METRIC from IQAMetricLoader", "metric")
     if not getattr(metric, "differentiable", False):
-        raise _fail("metric", f"metric '{metric.name}' was loaded without gradients; set 'differentiable' "
-                              f"to true on IQAMetricLoader (gradient guidance needs a differentiable metric)")
+        raise InputError(f"metric '{metric.name}' was loaded without gradients; set 'differentiable' "
+                         f"to true on IQAMetricLoader (gradient guidance needs a differentiable metric)", "metric")
     if getattr(metric, "is_full_reference", False):
-        raise _fail("metric", f"metric '{metric.name}' is full-reference; guidance needs a no-reference metric")
+        raise InputError(f"metric '{metric.name}' is full-reference; guidance needs a no-reference metric", "metric")
 
 
+def check_inputs(scale=None, start_at=None, end_at=None, target=None, normalization=None, max_resolution=None,
+                 chunk_size=None) -> None:
+    """The node's own inputs, at queue time and when it runs (None: wired, not known yet)."""
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise InputError(f"expected a finite number, got {errors.quote(scale)}", "scale")
+    check_schedule(start_at, end_at)
+    if target is not None and target not in guidance.TARGETS:
+        raise InputError(f"expected one of {', '.join(guidance.TARGETS)}, got {errors.quote(target)}", "target")
+    if normalization is not None and normalization not in guidance.NORMALIZATIONS:
+        raise InputError(f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {errors.quote(normalization)}",
+                         "normalization")
+    if max_resolution is not None and int(max_resolution) != 0 and int(max_resolution) < MIN_SCORED_SIZE:
+        raise InputError(f"expected 0 (no resize) or at least {MIN_SCORED_SIZE} pixels (IQA metrics need images of "
+                         f"about that size), got {max_resolution}", "max_resolution")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise InputError(f"expected >= 1, got {chunk_size}", "chunk_size")
+
+
+@errors.node_errors(NODE, "model")
 def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at: float, decoder: str = "vae",
                        normalization: str = "none", target: str = "raise", max_resolution: int = 0,
                        chunk_size: int = 4):
     """The patched clone (used by the node and by tests/benchmarks)."""
-    try:
-        scale = guidance.validate_scale(scale)
-    except ValueError:
-        raise _fail("scale", f"expected a finite number, got {presentation.quoted(scale)}") from None
-    for name, value in (("start_at", start_at), ("end_at", end_at)):
-        if not (0.0 <= float(value) <= 1.0):
-            raise _fail(name, f"expected a fraction in [0, 1], got {presentation.quoted(value)}")
-    if start_at > end_at:
-        raise _fail("start_at", f"start_at ({start_at}) must not be after end_at ({end_at})")
-    if target not in guidance.TARGETS:
-        raise _fail("target", f"expected one of {', '.join(guidance.TARGETS)}, got {presentation.quoted(target)}")
-    if normalization not in guidance.NORMALIZATIONS:
-        raise _fail("normalization", f"expected one of {', '.join(guidance.NORMALIZATIONS)}, got {presentation.quoted(normalization)}")
-    if int(max_resolution) != 0 and int(max_resolution) < MIN_SCORED_SIZE:
-        raise _fail("max_resolution", f"expected 0 (no resize) or at least {MIN_SCORED_SIZE} pixels (IQA metrics "
-                                      f"need images of about that size), got {max_resolution}")
-    if int(chunk_size) < 1:
-        raise _fail("chunk_size", f"expected >= 1, got {chunk_size}")
+    check_inputs(scale, start_at, end_at, target, normalization, max_resolution, chunk_size)
+    scale = float(scale)
     _check_metric(metric)
     try:
         divisor = guidance.score_divisor(normalization, metric.name)
     except ValueError as error:
-        raise _fail("normalization", str(error)) from None
+        raise InputError(str(error), "normalization") from None
     sign = guidance.score_sign(target, bool(metric.lower_better))
 
     latent_format = _latent_format(model)
@@ -200,7 +194,7 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
     device = comfy.model_management.get_torch_device()  # the host's choice (--cpu, --cuda-device, ...)
     offload = comfy.model_management.unet_offload_device()  # where the host keeps it until it loads it
     decoder_patcher = host_managed(_decoder_module(decoder, vae, latent_format).to(offload, torch.float32), device)
-    metric_patcher = metric_nodes.memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
+    metric_patcher = memory_managed(metric)  # the metric's one host patcher (scoring uses it too)
     patched.set_additional_models(GUIDANCE_MODELS, [decoder_patcher, metric_patcher])
     model_sampling = model.get_model_object("model_sampling")
     sigma_start = float(model_sampling.percent_to_sigma(start_at))
@@ -214,7 +208,8 @@ def build_guided_model(model, vae, metric, scale: float, start_at: float, end_at
         if not (sigma_end <= current <= sigma_start):
             return denoised
         if denoised.dim() != 4:
-            raise ValueError(f"{NODE}: expected image latents (B, C, H, W), got shape {tuple(denoised.shape)}")
+            raise errors.NodeInputError(NODE, "model", f"expected image latents (B, C, H, W), got shape "
+                                                       f"{tuple(denoised.shape)}")
         comfy.model_management.throw_exception_if_processing_interrupted()
         # The host loads both beside the diffusion model (a no-op when they are loaded already); it moved
         # them under inference mode, so their tensors are made normal again (ours alone, in place).
@@ -248,7 +243,7 @@ class IQAGradientGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a clone is patched)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; its decoder is differentiated when decoder = 'vae'."),
-                io.Custom("IQA_METRIC").Input(
+                types.Metric.Input(
                     "metric", tooltip="A no-reference IQA metric loaded with differentiable = true."),
                 io.Float.Input("scale", default=1.0, min=-1.0e4, max=1.0e4, step=0.01,
                                tooltip="How hard to push. 0 = off. With normalization 'rms' try 0.05-0.5; with "
@@ -279,8 +274,10 @@ class IQAGradientGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_at=None, end_at=None):
-        return presentation.check_schedule(NODE, start_at, end_at)
+    def validate_inputs(cls, scale=None, start_at=None, end_at=None, target=None, normalization=None,
+                        max_resolution=None, chunk_size=None):
+        return presentation.validation(NODE, check_inputs, scale, start_at, end_at, target, normalization,
+                                       max_resolution, chunk_size)
 
     @classmethod
     @errors.node_errors(NODE, "model")

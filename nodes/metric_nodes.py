@@ -13,26 +13,23 @@ import datetime
 import os
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter import errors, files, iqa_models, score_card
+from ..adapter import errors, files, iqa_models, metric_files, score_card
+from ..adapter.errors import InputError
 from ..adapter.files import file_signature
 from ..models import metrics as metric_catalog
-from . import presentation
+from . import presentation, types
+from .host_models import memory_managed
+from .inputs import image_to_bchw
 from .paths import METRIC_FOLDER
 
-MetricType = io.Custom("IQA_METRIC")
-ScoresType = io.Custom("IQA_SCORES")
 DEVICES = ["auto", "cpu"]
 METRIC_CACHE_SIZE = iqa_models.METRIC_CACHE_SIZE
 SAVE_FORMATS = ["none", "csv", "json"]
-
-
-_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
 
 
 def metric_folders() -> list[str]:
@@ -99,29 +96,12 @@ class IQAMetricLoader(io.ComfyNode):
                 io.Boolean.Input("differentiable", default=False,
                                  tooltip="On only for Quality Guidance (it needs gradients). Off for scoring."),
             ],
-            outputs=[MetricType.Output(display_name="metric")],
+            outputs=[types.Metric.Output(display_name="metric")],
         )
 
     @classmethod
     def validate_inputs(cls, metric=None, device=None):
-        node = "IQAMetricLoader"
-        if device is not None and device not in DEVICES:
-            return presentation.invalid(node, "device", f"expected one of {', '.join(DEVICES)}, got "
-                                                        f"{presentation.quoted(device)}")
-        if metric is None:
-            return True
-        names = metric_catalog.offered_metric_names()
-        if metric not in names:
-            return presentation.invalid(node, "metric", f"unknown metric {presentation.quoted(metric)}"
-                                                        f"{presentation.did_you_mean(metric, names)}")
-        missing = iqa_models.missing_weight_files(metric, metric_folders())
-        if missing:
-            folder = metric_folders()[0]
-            return presentation.invalid(
-                node, "metric", f"{metric} needs the weight file {', '.join(missing)}, which is not installed: put it "
-                                f"in {folder} (nothing is downloaded). Metrics that need no file: "
-                                f"{', '.join(n for n in names if metric_catalog.catalog_weight_files(n) == [] and not metric_catalog.is_full_reference(n))}.")
-        return True
+        return presentation.validation("IQAMetricLoader", check_loader_inputs, metric, device)
 
     @classmethod
     def fingerprint_inputs(cls, metric, device, differentiable):
@@ -130,75 +110,56 @@ class IQAMetricLoader(io.ComfyNode):
     @classmethod
     @errors.node_errors("IQAMetricLoader", "metric")
     def execute(cls, metric, device, differentiable) -> io.NodeOutput:
-        node = "IQAMetricLoader"
-        if device not in DEVICES:
-            _fail(node, "device", f"expected one of {', '.join(DEVICES)}, got {presentation.quoted(device)}")
+        check_loader_inputs(device=device)
         try:
             loaded = load_metric_for_graph(metric, device, bool(differentiable))
-        except iqa_models.MissingMetricWeightsError as error:
-            _fail(node, "metric", str(error))
-        except (iqa_models.UnsafeWeightsError, ValueError) as error:
-            _fail(node, "metric", f"'{metric}': {error}")
+        except metric_files.MissingMetricWeightsError as error:  # a FileNotFoundError whose text says it all
+            raise InputError(str(error), "metric") from None
+        except (metric_files.UnsafeWeightsError, ValueError) as error:
+            raise InputError(f"'{metric}': {error}", "metric") from None
         except ImportError as error:
-            _fail(node, "metric", f"'{metric}' needs a Python module that is not installed ({error}); CLIP-based "
-                                  f"pyiqa metrics (clipiqa, laion_aes, liqe) import pkg_resources (setuptools<81)")
+            raise InputError(f"'{metric}' needs a Python module that is not installed ({error}); CLIP-based pyiqa "
+                             f"metrics (clipiqa, laion_aes, liqe) import pkg_resources (setuptools<81)", "metric") from None
         except Exception as error:  # pyiqa's own build failed (e.g. a hub-only model offline)
-            _fail(node, "metric", f"'{metric}' could not be built offline: {type(error).__name__}: {error}")
+            raise InputError(f"'{metric}' could not be built offline: {type(error).__name__}: {error}",
+                             "metric") from None
         return io.NodeOutput(loaded)
 
 
-def image_to_bchw(images: torch.Tensor, node: str, input_name: str) -> torch.Tensor:
-    """ComfyUI IMAGE (B, H, W, C) -> (B, 3, H, W) in [0, 1]. RGBA: alpha is dropped (not composited);
-    grayscale (C=1) is repeated to RGB."""
-    if not torch.is_tensor(images) or images.dim() != 4:
-        _fail(node, input_name, f"expected an IMAGE batch (B, H, W, C), got "
-                                f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
-    if images.shape[0] < 1:
-        _fail(node, input_name, "the image batch is empty (0 images)")
-    channels = images.shape[-1]
-    if channels == 4:
-        images = images[..., :3]
-    elif channels == 1:
-        images = images.expand(*images.shape[:-1], 3)
-    elif channels != 3:
-        _fail(node, input_name, f"expected 1, 3 or 4 channels (gray, RGB, RGBA), got {channels}")
-    if images.shape[1] < 2 or images.shape[2] < 2:
-        _fail(node, input_name, f"images are {images.shape[2]}x{images.shape[1]} pixels; IQA needs at least 2x2 "
-                                f"(most metrics 32x32 or more)")
-    images = images.movedim(-1, 1).float().contiguous()
-    if images.min() < 0 or images.max() > 1:  # clamp only when needed: no extra copy of large batches
-        images = images.clamp(0, 1)
-    return images
-
-
-def memory_managed(metric: iqa_models.LoadedMetric) -> comfy.model_patcher.ModelPatcher:
-    """The metric's network as a host ModelPatcher (one per loaded metric, kept on it): the host's model
-    manager loads it beside the other models and may offload it when memory is needed; when the metric
-    leaves the pack's cache, the patcher goes with it."""
-    patcher = getattr(metric, "_host_patcher", None)
-    if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(metric.net, load_device=metric.device,
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        object.__setattr__(metric, "_host_patcher", patcher)
-    return patcher
+def check_loader_inputs(metric: str | None = None, device: str | None = None) -> None:
+    """Load Quality Metric's inputs, at queue time (the metric's weights installed) and when it runs."""
+    if device is not None and device not in DEVICES:
+        raise InputError(f"expected one of {', '.join(DEVICES)}, got {errors.quote(device)}", "device")
+    if metric is None:
+        return
+    names = metric_catalog.offered_metric_names()
+    if metric not in names:
+        raise InputError(f"unknown metric {errors.quote(metric)}{errors.did_you_mean(metric, names)}", "metric")
+    missing = iqa_models.missing_weight_files(metric, metric_folders())
+    if missing:
+        weight_free = [n for n in names if metric_catalog.catalog_weight_files(n) == []
+                       and not metric_catalog.is_full_reference(n)]
+        raise InputError(f"{metric} needs the weight file {', '.join(missing)}, which is not installed: put it in "
+                         f"{metric_folders()[0]} (nothing is downloaded). Metrics that need no file: "
+                         f"{', '.join(weight_free)}.", "metric")
 
 
 def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, reference: torch.Tensor | None,
-                 chunk_size: int, node: str = "IQAScore", score_size: str = "cc3m") -> iqa_models.IQAScores:
+                 chunk_size: int, score_size: str = "cc3m") -> iqa_models.IQAScores:
     """The node's scoring path: IMAGE tensors in, IQAScores out; progress bar + interrupt between chunks.
     `score_size` 'cc3m' squashes to 512x512 as the CC3M statistics were made; 'native' keeps the size."""
-    images_bchw = image_to_bchw(images, node, "images")
-    reference_bchw = image_to_bchw(reference, node, "reference") if reference is not None else None
+    images_bchw = image_to_bchw(images, "images")
+    reference_bchw = image_to_bchw(reference, "reference") if reference is not None else None
     for metric in metrics:
         if metric.is_full_reference:
             if reference_bchw is None:
-                _fail(node, "reference", f"metric '{metric.name}' is full-reference: connect reference images")
+                raise InputError(f"metric '{metric.name}' is full-reference: connect reference images", "reference")
             if reference_bchw.shape[2:] != images_bchw.shape[2:]:
-                _fail(node, "reference", f"reference size {reference_bchw.shape[3]}x{reference_bchw.shape[2]} differs "
-                                         f"from image size {images_bchw.shape[3]}x{images_bchw.shape[2]}")
+                raise InputError(f"reference size {reference_bchw.shape[3]}x{reference_bchw.shape[2]} differs from "
+                                 f"image size {images_bchw.shape[3]}x{images_bchw.shape[2]}", "reference")
             if reference_bchw.shape[0] not in (1, images_bchw.shape[0]):
-                _fail(node, "reference", f"{reference_bchw.shape[0]} reference images for {images_bchw.shape[0]} "
-                                         f"images (give 1 or {images_bchw.shape[0]})")
+                raise InputError(f"{reference_bchw.shape[0]} reference images for {images_bchw.shape[0]} images (give "
+                                 f"1 or {images_bchw.shape[0]})", "reference")
     comfy.model_management.load_models_gpu([memory_managed(metric) for metric in metrics])
     total = images_bchw.shape[0] * len(metrics)
     bar = comfy.utils.ProgressBar(total)
@@ -215,7 +176,7 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
         except comfy.model_management.InterruptProcessingException:
             raise
         except Exception as error:  # noqa: BLE001 - pyiqa's own failures on odd images (sizes, degenerate content)
-            _fail(node, "images", f"metric '{metric.name}' could not score them: {errors.describe(error)}")
+            raise InputError(f"metric '{metric.name}' could not score them: {errors.describe(error)}", "images") from None
         result.add(metric, values.detach().float().cpu().tolist())
     return result
 
@@ -241,9 +202,9 @@ class IQAScore(io.ComfyNode):
                         "channel; grayscale is repeated to RGB.",
             inputs=[
                 io.Image.Input("images", tooltip="Images to score."),
-                MetricType.Input("metric", tooltip="From Load Quality Metric."),
-                MetricType.Input("metric_2", optional=True, tooltip="A second metric (optional)."),
-                MetricType.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
+                types.Metric.Input("metric", tooltip="From Load Quality Metric."),
+                types.Metric.Input("metric_2", optional=True, tooltip="A second metric (optional)."),
+                types.Metric.Input("metric_3", optional=True, tooltip="A third metric (optional)."),
                 io.Image.Input("reference", optional=True,
                                tooltip="Reference images for full-reference metrics (same size; 1 or one per image)."),
                 io.Combo.Input("score_size", options=list(iqa_models.SCORE_SIZES), default="cc3m", optional=True,
@@ -256,10 +217,11 @@ class IQAScore(io.ComfyNode):
                                tooltip="Also append one row per image and metric to a CSV or JSON-lines file in "
                                        "the output folder (none = only show them)."),
                 io.String.Input("filename_prefix", default="iqa_scores/scores",
-                                tooltip="File path inside the output folder (extension added)."),
+                                tooltip="File path inside the output folder (extension added); used only when "
+                                        "save_rows is csv or json."),
             ],
             outputs=[
-                ScoresType.Output(display_name="scores"),
+                types.Scores.Output(display_name="scores"),
                 io.String.Output(display_name="table"),
                 io.Float.Output(display_name="mean"),
             ],
@@ -270,29 +232,28 @@ class IQAScore(io.ComfyNode):
     @errors.node_errors("IQAScore", "images")
     def execute(cls, images, metric, chunk_size, save_rows, filename_prefix, score_size="cc3m", metric_2=None,
                 metric_3=None, reference=None) -> io.NodeOutput:
-        node = "IQAScore"
         metrics = []
         for input_name, value in (("metric", metric), ("metric_2", metric_2), ("metric_3", metric_3)):
             if value is None:
                 continue
             if not isinstance(value, iqa_models.LoadedMetric):
-                _fail(node, input_name, f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}")
+                raise InputError(f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}", input_name)
             metrics.append(value)
         if save_rows not in SAVE_FORMATS:
-            _fail(node, "save_rows", f"expected one of {', '.join(SAVE_FORMATS)}, got {presentation.quoted(save_rows)}")
+            raise InputError(f"expected one of {', '.join(SAVE_FORMATS)}, got {errors.quote(save_rows)}", "save_rows")
         if score_size not in iqa_models.SCORE_SIZES:
-            _fail(node, "score_size", f"expected one of {', '.join(iqa_models.SCORE_SIZES)}, got "
-                                      f"{presentation.quoted(score_size)}")
-        scores = score_images(metrics, images, reference, int(chunk_size), node, score_size)
+            raise InputError(f"expected one of {', '.join(iqa_models.SCORE_SIZES)}, got {errors.quote(score_size)}",
+                             "score_size")
+        scores = score_images(metrics, images, reference, int(chunk_size), score_size)
         table = scores.table()
         if save_rows != "none":
             files.check_user_path(filename_prefix, "filename_prefix")
             output_dir = os.path.abspath(folder_paths.get_output_directory())
             path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{'csv' if save_rows == 'csv' else 'jsonl'}"))
             if os.path.commonpath([path, output_dir]) != output_dir:
-                _fail(node, "filename_prefix", f"{errors.quote(filename_prefix)} points outside the output folder")
+                raise InputError(f"{errors.quote(filename_prefix)} points outside the output folder", "filename_prefix")
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            with errors.blame(node, "filename_prefix"):
+            with errors.blame("IQAScore", "filename_prefix"):
                 written = _append_rows(path, save_rows, scores.rows(timestamp=stamp))
             if written != path:
                 table += (f"\n(rows written to {os.path.relpath(written, output_dir)}: "

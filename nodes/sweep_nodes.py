@@ -19,29 +19,24 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..adapter import errors, files, iqa_models, projection, quality, sweep
-from . import graph, presentation
-from .adapter_nodes import batch_problem, known_metric_names
+from ..adapter.errors import InputError
+from . import graph, presentation, types
 from .limits import host_batch_cap
-IQAAdapterType = io.Custom("IQA_ADAPTER")
-QualityTokensType = io.Custom("QUALITY_TOKENS")
-TargetsType = io.Custom("IQA_TARGETS")
-ScoresType = io.Custom("IQA_SCORES")
-MetricType = io.Custom("IQA_METRIC")
 
-
-_fail = errors.fail  # raises `Node: input: message` (errors.NodeInputError, a ValueError)
+SWEEP = "IQATargetSweep"
+REPORT = "IQASweepReport"
 
 
 class IQATargetSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return presentation.schema(
-            "IQATargetSweep", presentation.SWEEP,
+            SWEEP, presentation.SWEEP,
             description="Quality tokens for a row of targets, e.g. percentile 1 -> 99 (a degradation study). Feed "
                         "the tokens to Apply Quality Adapter and 'count' to the latent batch size: one sampler run "
                         "renders every target.",
             inputs=[
-                IQAAdapterType.Input("adapter"),
+                types.Adapter.Input("adapter"),
                 io.String.Input("metrics", default="",
                                 tooltip="Metrics to sweep, comma separated. Empty: all of the adapter's metrics "
                                         "move together."),
@@ -63,15 +58,15 @@ class IQATargetSweep(io.ComfyNode):
                 io.String.Input("hold", default="",
                                 tooltip="Value of the adapter's metrics that are not swept: empty = CC3M median "
                                         "(p50 / z 0 / raw median), a number (in 'mode' units), or 'same' = the "
-                                        "swept value."),
+                                        "swept value. Unused when every metric is swept."),
                 io.Float.Input("negative_scale", default=0.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="0: off (the authors' default; unconditional tokens = projection(0)). "
                                        "k > 0: negative quality guidance projection(-k * v); 0.5 is the "
                                        "authors' value when it is on."),
             ],
             outputs=[
-                QualityTokensType.Output(display_name="tokens"),
-                TargetsType.Output(display_name="targets"),
+                types.QualityTokens.Output(display_name="tokens"),
+                types.Targets.Output(display_name="targets"),
                 io.Int.Output(display_name="count"),
                 io.String.Output(display_name="targets_text"),
             ],
@@ -79,77 +74,29 @@ class IQATargetSweep(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, metrics=None, start=None, stop=None, steps=None, mode=None, spacing=None):
-        node = "IQATargetSweep"
-        if metrics is not None:
-            known = known_metric_names()
-            for name in (m.strip() for m in str(metrics).replace(";", ",").split(",")):
-                if name and name not in known:
-                    return presentation.invalid(node, "metrics", f"unknown metric {presentation.quoted(name)}"
-                                                                 f"{presentation.did_you_mean(name, known)}")
-        if mode == "percentile":
-            for input_name, label, value in (("start", "from", start), ("stop", "to", stop)):
-                if value is not None and not 0.0 < value < 100.0:
-                    return presentation.invalid(node, input_name, f"'{label}' is a percentile here: expected 1 to "
-                                                                  f"99 (strictly between 0 and 100), got {value:g}")
-        if None in (start, stop, steps, mode, spacing):
-            return True
-        try:
-            count = len(sweep.sweep_values(start, stop, steps, spacing, mode))
-        except ValueError as error:
-            return presentation.invalid(node, "steps", str(error))
-        recorded = graph.recorded_batches(cls.hidden.unique_id if cls.hidden else None,
-                                          {"start": start, "stop": stop, "steps": steps, "spacing": spacing})
-        problem = batch_problem(count, recorded)
-        return presentation.invalid(node, "steps", problem) if problem else True
+    def validate_inputs(cls, metrics=None, start=None, stop=None, steps=None, mode=None, spacing=None, hold=None,
+                        negative_scale=None):
+        return presentation.validation(SWEEP, cls._check_queued, metrics, start, stop, steps, mode, spacing, hold,
+                                       negative_scale)
 
     @classmethod
-    @errors.node_errors("IQATargetSweep", "from/to")
+    def _check_queued(cls, metrics, start, stop, steps, mode, spacing, hold, negative_scale) -> None:
+        sweep.check_sweep_inputs(metrics, start, stop, steps, mode, spacing, hold, negative_scale)
+        if None in (start, stop, steps, mode, spacing):
+            return
+        graph.check_batches(cls.hidden.unique_id if cls.hidden else None,
+                            {"start": start, "stop": stop, "steps": steps, "spacing": spacing},
+                            len(sweep.sweep_values(start, stop, steps, spacing, mode)), "steps")
+
+    @classmethod
+    @errors.node_errors(SWEEP, "adapter")
     def execute(cls, adapter, metrics, start, stop, steps, mode, spacing, hold, negative_scale) -> io.NodeOutput:
-        node = "IQATargetSweep"
-        descriptor = adapter.descriptor
-        if descriptor.kind != "score":
-            _fail(node, "adapter", "this is a reference-image adapter; a target sweep needs a score adapter")
-        if not math.isfinite(negative_scale):
-            _fail(node, "negative_scale", f"expected a finite number, got {negative_scale}")
-        limit = projection.max_rows_for(adapter.info, host_batch_cap())
-        if int(steps) > limit:
-            _fail(node, "steps", f"{int(steps)} steps, but at most {limit} token rows fit this adapter and the host's "
-                                 "latent batch (one row per image); use fewer steps")
-        try:
-            swept = sweep.resolve_metrics(descriptor.metrics, metrics)
-        except ValueError as error:
-            _fail(node, "metrics", str(error))
-        # Each input checked on its own, so an error names the input that caused it.
-        for metric in descriptor.metrics:
-            if metric in swept:
-                continue
-            try:
-                held = sweep.hold_value(metric, hold, mode)
-                if held is not None:
-                    quality.metric_input_value(descriptor, metric, held, mode)
-            except ValueError as error:
-                _fail(node, "hold", str(error))
-        for label, value in (("from", start), ("to", stop)):
-            try:
-                for metric in swept:
-                    quality.metric_input_value(descriptor, metric, value, mode)
-            except ValueError as error:
-                _fail(node, label, str(error))
-        try:
-            targets = sweep.build_sweep(descriptor.metrics, metrics, start, stop, steps, mode, spacing, hold, descriptor)
-        except ValueError as error:
-            _fail(node, "from/to/steps/spacing", str(error))
-        try:
-            vectors = quality.build_quality_vector(descriptor, targets.rows, mode)
-            labels = [quality.describe_target(descriptor, row, mode) for row in targets.rows]
-            tokens = projection.encode_tokens(adapter, vectors, float(negative_scale), labels)
-        except ValueError as error:
-            _fail(node, "hold" if "hold" in str(error) else "from/to", str(error))
+        tokens, targets = sweep.sweep_tokens(adapter, metrics, start, stop, steps, mode, spacing, hold,
+                                             negative_scale, projection.max_rows_for(adapter.info, host_batch_cap()))
         return io.NodeOutput(tokens, targets, len(targets), sweep.targets_text(targets.rows))
 
 
-def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float]]:
+def scores_by_metric(scores, input_name: str) -> dict[str, list[float]]:
     """Accept what a scoring node may hand over: {metric: [floats]}, an object with `.scores` / `.by_metric`
     (such a dict) or with `.metric` + `.values`; returns {metric: list of floats}."""
     data = scores
@@ -161,8 +108,8 @@ def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float
     if isinstance(data, dict) and "metric" in data and "values" in data and len(data) <= 4:
         data = {data["metric"]: data["values"]}
     if not isinstance(data, dict) or not data:
-        _fail(node, input_name, f"expected scores from IQA Score ({{metric: [one float per image]}}), got "
-                                f"{type(scores).__name__}")
+        raise InputError(f"expected scores from IQA Score ({{metric: [one float per image]}}), got "
+                         f"{type(scores).__name__}", input_name)
     out = {}
     for metric, values in data.items():
         if isinstance(values, torch.Tensor):
@@ -170,7 +117,7 @@ def scores_by_metric(scores, node: str, input_name: str) -> dict[str, list[float
         try:
             out[str(metric)] = [float(v) for v in values]
         except (TypeError, ValueError):
-            _fail(node, input_name, f"scores of {presentation.quoted(metric)} are not a list of numbers")
+            raise InputError(f"scores of {errors.quote(metric)} are not a list of numbers", input_name) from None
     return out
 
 
@@ -189,16 +136,16 @@ class IQASweepReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return presentation.schema(
-            "IQASweepReport", presentation.SWEEP,
+            REPORT, presentation.SWEEP,
             description="Report of a target sweep: labelled image grid, chart of measured score vs target "
                         "(Spearman's rho, ideal line), CSV + JSON tables in the output folder. Seed, prompt, "
                         "checkpoint and adapter are read from the graph.",
             inputs=[
                 io.Image.Input("images", tooltip="The sweep's images, image i rendered with target i."),
-                TargetsType.Input("targets", tooltip="From IQA-Adapter Target Sweep."),
-                ScoresType.Input("scores", optional=True, tooltip="From IQA Score (one score per image)."),
-                ScoresType.Input("scores_2", optional=True, tooltip="A second metric's scores (optional)."),
-                MetricType.Input("metric", optional=True,
+                types.Targets.Input("targets", tooltip="From IQA-Adapter Target Sweep."),
+                types.Scores.Input("scores", optional=True, tooltip="From IQA Score (one score per image)."),
+                types.Scores.Input("scores_2", optional=True, tooltip="A second metric's scores (optional)."),
+                types.Metric.Input("metric", optional=True,
                                  tooltip="Score the images here with this metric (when no 'scores' are wired); "
                                          "images are squashed to 512x512 as the CC3M statistics were made."),
                 io.String.Input("filename_prefix", default="iqa_sweep/sweep",
@@ -214,20 +161,19 @@ class IQASweepReport(io.ComfyNode):
         )
 
     @classmethod
-    @errors.node_errors("IQASweepReport", "images")
+    @errors.node_errors(REPORT, "images")
     def execute(cls, images, targets, filename_prefix, scores=None, scores_2=None, metric=None) -> io.NodeOutput:
-        node = "IQASweepReport"
         if not isinstance(targets, sweep.SweepTargets):
-            _fail(node, "targets", "expected IQA_TARGETS from IQA-Adapter Target Sweep")
+            raise InputError("expected IQA_TARGETS from IQA-Adapter Target Sweep", "targets")
         if images.shape[0] != len(targets):
-            _fail(node, "images", f"{images.shape[0]} images for {len(targets)} targets; set the latent batch size "
-                                  f"to the sweep's 'count' ({len(targets)})")
+            raise InputError(f"{images.shape[0]} images for {len(targets)} targets; set the latent batch size to the "
+                             f"sweep's 'count' ({len(targets)})", "images")
         measured: dict[str, list[float]] = {}
         directions: dict[str, bool] = {}
         sizes: dict[str, str] = {}
         for name, value in (("scores", scores), ("scores_2", scores_2)):
             if value is not None:
-                by_metric = scores_by_metric(value, node, name)
+                by_metric = scores_by_metric(value, name)
                 measured.update(by_metric)
                 directions.update(_directions(value))
                 sizes.update({m: str(getattr(value, "score_size", "")) for m in by_metric})
@@ -243,19 +189,19 @@ class IQASweepReport(io.ComfyNode):
             sizes[metric.name] = "cc3m"
             directions[metric.name] = bool(metric.lower_better)
         if not measured:
-            _fail(node, "scores", "wire scores from IQA Score, or an IQA metric to score the images here")
+            raise InputError("wire scores from IQA Score, or an IQA metric to score the images here", "scores")
         for name, values in measured.items():
             if len(values) != len(targets):
-                _fail(node, "scores", f"{name}: {len(values)} scores for {len(targets)} images")
+                raise InputError(f"{name}: {len(values)} scores for {len(targets)} images", "scores")
 
-        with errors.blame(node, "filename_prefix"):  # writing the report: file names and folders
+        with errors.blame(REPORT, "filename_prefix"):  # writing the report: file names and folders
             files.check_user_path(filename_prefix, "filename_prefix")
             output_dir = folder_paths.get_output_directory()
             try:
                 full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
                     filename_prefix, output_dir, images.shape[2], images.shape[1])
             except Exception as error:  # the host raises for prefixes that leave the output folder
-                _fail(node, "filename_prefix", str(error))
+                raise InputError(str(error), "filename_prefix") from None
             os.makedirs(full_folder, exist_ok=True)
             # The host's counter only counts image names: never reuse a stem any earlier report file has.
             stem = files.free_stem(full_folder, f"{filename}_{counter:05}", sweep.REPORT_SUFFIXES + ("_img000.png",))

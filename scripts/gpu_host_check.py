@@ -93,11 +93,11 @@ def main() -> int:
     parser.add_argument("--front-end-root", default=None,
                         help="serve this frontend folder (a machine without the host's frontend package)")
     args = parser.parse_args()
-    from comfyui_iqa_adapter.adapter import iqa_models
+    from comfyui_iqa_adapter.scripts import random_weights
 
     metric_folder = args.comfy / "models" / "iqa"
     metric_folder.mkdir(parents=True, exist_ok=True)
-    iqa_models.write_random_weights("cnniqa", str(metric_folder), seed=0)
+    random_weights.write_random_weights("cnniqa", str(metric_folder), seed=0)
 
     summary: dict = {"checks": {}}
     work = pathlib.Path(tempfile.mkdtemp(prefix="iqa-gpu-check-"))

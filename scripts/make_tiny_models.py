@@ -84,7 +84,7 @@ def cross_attention_widths(unet) -> list[int]:
 def build_checkpoint(comfy_dir: pathlib.Path):
     import torch
 
-    from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
+    from comfyui_iqa_adapter.scripts.random_weights import alive_state_dict
 
     comfy, openaimodel = import_host(comfy_dir)
     gen = torch.Generator().manual_seed(SEED)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         print(f"[tiny models] up to date: {ckpt_path.name}, {adapter_path.name}")
         return 0
 
-    from comfyui_iqa_adapter.adapter.synthetic import random_adapter_state_dict
+    from comfyui_iqa_adapter.scripts.random_weights import random_adapter_state_dict
 
     start = time.perf_counter()
     sd, widths = build_checkpoint(comfy_dir)

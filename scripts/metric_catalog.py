@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from comfyui_iqa_adapter.adapter import iqa_models
+from comfyui_iqa_adapter.adapter import iqa_models, metric_files
 from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT
 
 OUT = PACK_ROOT / "models" / "metric_catalog.json"
@@ -40,7 +40,7 @@ def main() -> int:
     for name, entry in metrics.items():
         try:
             entry["files"] = iqa_models.expected_weight_files(name, [])
-        except iqa_models.MissingMetricWeightsError as error:
+        except metric_files.MissingMetricWeightsError as error:
             entry["files"] = [error.file_name]
         except Exception as error:  # noqa: BLE001 - recorded as unknown: pyiqa cannot build it offline
             entry["files"] = None

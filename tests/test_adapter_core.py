@@ -1,6 +1,6 @@
 """Host-free tests of the adapter core: checkpoint reading/validation, descriptors, CC3M stats,
 quality vectors, projection/tokens and the attention math. Real safetensors / torch files are
-written with random weights in the released layout (adapter/synthetic.py)."""
+written with random weights in the released layout (scripts/random_weights.py)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,10 @@ import pickle
 import pytest
 import torch
 
-from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, layers, projection, quality, synthetic
+from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, iqa_adapter, layers, projection, quality
 from comfyui_iqa_adapter.models import adapters as catalog
 from comfyui_iqa_adapter.models import stats
+from comfyui_iqa_adapter.scripts import random_weights
 from safetensors.torch import save_file
 from support.bad_files import BAD_FILES, RunsCode
 
@@ -27,11 +28,11 @@ def write_sidecar(weights: pathlib.Path, data: dict) -> None:
 
 
 def sd15_dict(**kw):
-    return synthetic.random_adapter_state_dict(768, synthetic.SD15_LAYER_WIDTHS, **kw)
+    return random_weights.random_adapter_state_dict(768, layers.SD15_LAYER_WIDTHS, **kw)
 
 
 def small_dict(**kw):
-    return synthetic.random_adapter_state_dict(64, [32, 48, 32], **kw)
+    return random_weights.random_adapter_state_dict(64, [32, 48, 32], **kw)
 
 
 def save_st(path: pathlib.Path, sd: dict, sidecar: dict | None = RECIPE) -> pathlib.Path:
@@ -47,10 +48,10 @@ def save_st(path: pathlib.Path, sd: dict, sidecar: dict | None = RECIPE) -> path
 def test_safetensors_round_trip_sd15(tmp_path, kind):
     sd = sd15_dict(num_tokens=4, input_dim=2, projection_kind=kind, mlp_hidden_dim=96, seed=3)
     path = save_st(tmp_path / "a.safetensors", sd)
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     info = adapter.info
     assert (info.projection_kind, info.num_tokens, info.input_dim, info.cross_attention_dim) == (kind, 4, 2, 768)
-    assert info.num_layers == 16 and info.layer_widths == synthetic.SD15_LAYER_WIDTHS and info.base == "sd15"
+    assert info.num_layers == 16 and info.layer_widths == layers.SD15_LAYER_WIDTHS and info.base == "sd15"
     assert info.mlp_hidden_dim == (96 if kind == "mlp" else None)
     for k in range(16):
         assert torch.equal(adapter.to_k_ip[k], sd[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"])
@@ -65,14 +66,14 @@ def test_sdxl_layout_inferred_fp16_converted(tmp_path):
     sd = {"image_proj.proj.weight": torch.zeros(2 * 2048, 2), "image_proj.proj.bias": torch.zeros(2 * 2048),
           "image_proj.norm.weight": torch.ones(2048), "image_proj.norm.bias": torch.zeros(2048)}
     shared = {640: torch.zeros(640, 2048), 1280: torch.zeros(1280, 2048)}  # one buffer per width keeps it fast
-    for k, width in enumerate(synthetic.SDXL_LAYER_WIDTHS):
+    for k, width in enumerate(layers.SDXL_LAYER_WIDTHS):
         for name in ("to_k_ip", "to_v_ip"):
             sd[f"ip_adapter.{2 * k + 1}.{name}.weight"] = shared[width]
     info = checkpoint.split_state_dict(sd, "sdxl.safetensors").info
     assert info.base == "sdxl" and info.num_layers == 70 and (info.num_tokens, info.input_dim) == (2, 2)
-    assert info.layer_widths == synthetic.SDXL_LAYER_WIDTHS
+    assert info.layer_widths == layers.SDXL_LAYER_WIDTHS
     small = {k: v.half() for k, v in small_dict().items()}
-    adapter = checkpoint.load_adapter(save_st(tmp_path / "h.safetensors", small))
+    adapter = iqa_adapter.load_adapter(save_st(tmp_path / "h.safetensors", small))
     assert adapter.info.dtype == "float16" and adapter.to_k_ip[0].dtype == torch.float32
     assert torch.equal(adapter.to_k_ip[0], small["ip_adapter.1.to_k_ip.weight"].float())
 
@@ -82,9 +83,9 @@ def test_sdxl_layout_inferred_fp16_converted(tmp_path):
 def test_torch_file_round_trip(tmp_path, layout, ext):
     sd = small_dict(num_tokens=3, input_dim=3, projection_kind="mlp", mlp_hidden_dim=16)
     path = tmp_path / f"w{ext}"
-    torch.save(synthetic.nested_bin_layout(sd) if layout == "nested" else sd, path)
+    torch.save(random_weights.nested_bin_layout(sd) if layout == "nested" else sd, path)
     write_sidecar(path, {"metrics": ["topiq_nr", "laion_aes"], "use_flag": True})
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     assert adapter.info.layer_widths == [32, 48, 32] and adapter.info.base == "custom"
     assert (adapter.info.num_tokens, adapter.info.input_dim, adapter.info.mlp_hidden_dim) == (3, 3, 16)
     assert torch.equal(adapter.to_k_ip[1], sd["ip_adapter.3.to_k_ip.weight"])
@@ -143,7 +144,7 @@ def test_an_extra_trailing_layer_is_a_custom_adapter_that_the_model_check_refuse
     weights = checkpoint.load_adapter_weights(save_st(tmp_path / "x.safetensors", sd, None))
     assert weights.info.num_layers == 17 and weights.info.base == "custom"
     with pytest.raises(ValueError, match="has 17 cross-attention layers .* but the model has 16"):
-        layers.check_layers_match(weights.info.layer_widths, 768, synthetic.SD15_LAYER_WIDTHS, 768)
+        layers.check_layers_match(weights.info.layer_widths, 768, layers.SD15_LAYER_WIDTHS, 768)
 
 
 def test_directory_and_absent_file(tmp_path):
@@ -165,32 +166,32 @@ def test_the_pickle_payload_of_the_bad_files_really_runs_code(tmp_path):
 def test_sidecar_wins_and_input_dim_mismatch_names_both_numbers(tmp_path):
     path = save_st(tmp_path / "topiq_laion.safetensors", small_dict(input_dim=3),
                    {"metrics": ["topiq_nr", "laion_aes"], "use_flag": True, "pos_encode_L": 0})
-    d = checkpoint.load_adapter(path).descriptor
+    d = iqa_adapter.load_adapter(path).descriptor
     assert d.metrics == ("topiq_nr", "laion_aes") and d.use_flag and d.source.endswith("topiq_laion.json")
     write_sidecar(path, {"metrics": ["topiq_nr", "laion_aes", "musiq", "liqe"]})
     with pytest.raises(ValueError, match=r"size 3.*describes size 4"):
-        checkpoint.load_adapter(path)
+        iqa_adapter.load_adapter(path)
 
 
 def test_catalog_match_by_file_name(tmp_path):
     path = save_st(tmp_path / "IQA-Adapter_TOPIQ_LAION-AES.safetensors", small_dict(input_dim=2), None)
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     assert adapter.descriptor.metrics == ("topiq_nr", "laion_aes") and not adapter.descriptor.use_flag
     assert "recipe-matched to the authors' training script" in adapter.descriptor.source
     assert "exact" not in adapter.descriptor.source
     # the authors' inference wrappers default to input_dim=3: the same entry takes the flag variant
     path = save_st(tmp_path / "iqa_adapter_topiq_laion_aes_flag.safetensors", small_dict(input_dim=3), None)
-    d = checkpoint.load_adapter(path).descriptor
+    d = iqa_adapter.load_adapter(path).descriptor
     assert d.metrics == ("topiq_nr", "laion_aes") and d.use_flag and d.pos_encode_L == 0 and d.input_dim == 3
     assert "recipe-matched" in d.source and "flag" in d.source
     path = save_st(tmp_path / "iqa_adapter_topiq_laion_aes_big.safetensors", small_dict(input_dim=42), None)
-    assert checkpoint.load_adapter(path).descriptor.name != "TOPIQ + LAION-AES"  # neither 2 nor 3 inputs
+    assert iqa_adapter.load_adapter(path).descriptor.name != "TOPIQ + LAION-AES"  # neither 2 nor 3 inputs
     # The input size decides flag / encoding for a single-metric adapter (documented guess).
     path = save_st(tmp_path / "hyperiqa_adapter.safetensors", small_dict(input_dim=2), None)
-    d = checkpoint.load_adapter(path).descriptor
+    d = iqa_adapter.load_adapter(path).descriptor
     assert d.metrics == ("hyperiqa",) and d.use_flag and d.pos_encode_L == 0
     path = save_st(tmp_path / "musiq_koniq_ava.safetensors", small_dict(input_dim=42), None)
-    d = checkpoint.load_adapter(path).descriptor
+    d = iqa_adapter.load_adapter(path).descriptor
     assert d.metrics == ("musiq", "musiq-ava") and d.pos_encode_L == 10 and not d.use_flag
 
 
@@ -204,29 +205,29 @@ def test_catalog_specificity():
         assert entry is not None and entry.name == expected, (name, entry, tied)
     assert len(catalog.CATALOG) == 26
     assert [e.name for e in catalog.CATALOG if e.recipe] == ["TOPIQ + LAION-AES"]
-    assert [dim for _, _, dim in catalog.entry_by_name("TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
+    assert [dim for _, _, dim in next(e for e in catalog.CATALOG if e.name == "TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
     assert catalog.match_catalog("my_adapter.safetensors") == (None, [])
 
 
 def test_no_descriptor_explains_the_sidecar(tmp_path):
     path = save_st(tmp_path / "my_adapter.safetensors", small_dict(), None)
     with pytest.raises(ValueError, match=r"my_adapter\.json"):
-        checkpoint.load_adapter(path)
+        iqa_adapter.load_adapter(path)
 
 
 def test_sidecar_errors(tmp_path):
     path = save_st(tmp_path / "a.safetensors", small_dict(), None)
     path.with_suffix(".json").write_text("{metrics: [}")
     with pytest.raises(ValueError, match="invalid JSON at line 1"):
-        checkpoint.load_adapter(path)
+        iqa_adapter.load_adapter(path)
     write_sidecar(path, {"metrics": ["topiq_nr", "not_a_metric"]})
     with pytest.raises(ValueError, match="unknown metric 'not_a_metric'"):
-        checkpoint.load_adapter(path)
+        iqa_adapter.load_adapter(path)
     write_sidecar(path, {"metrics": ["topiq_nr", "laion_aes"], "use_flags": True})
     with pytest.raises(ValueError, match="unknown field"):
-        checkpoint.load_adapter(path)
+        iqa_adapter.load_adapter(path)
     write_sidecar(path, {"metrics": ["topiq_nr", "my_metric"], "metric_stats": {"my_metric": {"mean": 1.0, "std": 2.0}}})
-    adapter = checkpoint.load_adapter(path)
+    adapter = iqa_adapter.load_adapter(path)
     vec = quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 0.0, "my_metric": 5.0}, mode="raw")
     assert vec[0, 1].item() == pytest.approx(2.0)
 
@@ -234,7 +235,7 @@ def test_sidecar_errors(tmp_path):
 def test_reference_descriptor(tmp_path):
     path = save_st(tmp_path / "ref.safetensors", small_dict(input_dim=40),
                    {"kind": "reference", "extractor": {"model": "arniqa", "layers": ["backbone"], "pooling": "avg", "dim": 40}})
-    d = checkpoint.load_adapter(path).descriptor
+    d = iqa_adapter.load_adapter(path).descriptor
     assert d.kind == "reference" and d.input_dim == 40
     with pytest.raises(ValueError, match="reference"):
         quality.build_quality_vector(d, {})
@@ -328,6 +329,42 @@ def test_target_errors():
         quality.build_quality_vector(d, {"topiq_nr": 5, "laion_aes": 5}, mode="percent")
 
 
+def test_target_and_sweep_errors_name_the_input_a_value_came_from(tmp_path):
+    """The one encode path blames inputs by where each value came from, never by reading a message."""
+    from comfyui_iqa_adapter.adapter import sweep
+    from comfyui_iqa_adapter.adapter.errors import InputError
+
+    adapter = iqa_adapter.load_adapter(save_st(tmp_path / "a.safetensors", small_dict(input_dim=2, seed=1)))
+
+    def blamed(call) -> str:
+        with pytest.raises(InputError) as caught:
+            call()
+        return caught.value.input_name
+
+    def target(targets="", mode="percentile", quality_choice="best", percentile=99.0, negative_scale=0.0):
+        return quality.target_tokens(adapter, quality_choice, percentile, targets, mode, negative_scale, 64)
+
+    def swept(start=1.0, stop=99.0, steps=3, mode="percentile", spacing="linear", hold="", metrics="topiq_nr"):
+        return sweep.sweep_tokens(adapter, metrics, start, stop, steps, mode, spacing, hold, 0.0, 64)
+
+    assert target(targets="topiq_nr=99; topiq_nr=1").tokens.batch_size == 2
+    assert blamed(lambda: target(targets="topiq_nr=1e30", mode="zscore")) == "targets"
+    assert blamed(lambda: target(quality_choice="best", percentile=40.0)) == "percentile"
+    assert blamed(lambda: target(mode="zscore")) == "mode"  # nothing typed for zscore to apply to
+    assert blamed(lambda: target(negative_scale=float("nan"))) == "negative_scale"
+    assert blamed(lambda: target(targets="; ".join(["topiq_nr=50"] * 65))) == "targets"
+    tokens, targets = swept()
+    assert tokens.batch_size == len(targets) == 3
+    assert blamed(lambda: swept(mode="raw", start=1.0, stop=999.0)) == "stop"
+    assert blamed(lambda: swept(mode="raw", start=999.0, stop=1.0)) == "start"
+    assert blamed(lambda: swept(hold="1e30", mode="zscore", start=-1.0, stop=1.0)) == "hold"
+    assert blamed(lambda: swept(hold="high")) == "hold"
+    assert blamed(lambda: swept(start=0.0)) == "start"
+    assert blamed(lambda: swept(metrics="musiq")) == "metrics"
+    assert blamed(lambda: swept(spacing="paper", mode="zscore")) == "spacing"
+    assert blamed(lambda: swept(steps=100)) == "steps"  # more rows than the 64 allowed here
+
+
 def test_parse_targets_text():
     rows = quality.parse_targets("topiq_nr=99, laion_aes=90; topiq_nr=1,laion_aes=1\nclipiqa+=50")
     assert rows == [{"topiq_nr": 99.0, "laion_aes": 90.0}, {"topiq_nr": 1.0, "laion_aes": 1.0}, {"clipiqa+": 50.0}]
@@ -347,7 +384,7 @@ def test_describe_target_reports_raw_and_percentile():
 
 def load_small(tmp_path, kind="linear", **kw):
     sd = small_dict(projection_kind=kind, num_tokens=3, input_dim=2, mlp_hidden_dim=16, **kw)
-    return checkpoint.load_adapter(save_st(tmp_path / f"{kind}.safetensors", sd)), sd
+    return iqa_adapter.load_adapter(save_st(tmp_path / f"{kind}.safetensors", sd)), sd
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -371,11 +408,11 @@ def test_projection_matches_hand_computation(tmp_path, kind):
 def test_encode_tokens_negative_scale(tmp_path):
     adapter, _ = load_small(tmp_path)
     v = torch.tensor([[1.0, -2.0], [0.3, 0.7]])
-    tokens = projection.encode_tokens(adapter, v, negative_scale=0.0)
+    tokens = iqa_adapter.encode_tokens(adapter, v, negative_scale=0.0)
     assert tokens.cond.shape == tokens.uncond.shape == (2, 3, 64) and tokens.num_tokens == 3
     torch.testing.assert_close(tokens.uncond, adapter.projection(torch.zeros(2, 2)))
     assert not torch.allclose(tokens.uncond, torch.zeros_like(tokens.uncond))  # proj(0) is not zero tokens
-    neg = projection.encode_tokens(adapter, v, negative_scale=0.5)
+    neg = iqa_adapter.encode_tokens(adapter, v, negative_scale=0.5)
     torch.testing.assert_close(neg.cond, tokens.cond)
     torch.testing.assert_close(neg.uncond, adapter.projection(-0.5 * v))
     assert not torch.allclose(neg.uncond, tokens.uncond)
@@ -383,7 +420,7 @@ def test_encode_tokens_negative_scale(tmp_path):
 
 def test_quality_tokens_save_load(tmp_path):
     adapter, _ = load_small(tmp_path)
-    tokens = projection.encode_tokens(adapter, torch.randn(3, 2), 0.5, labels=[{"i": i} for i in range(3)])
+    tokens = iqa_adapter.encode_tokens(adapter, torch.randn(3, 2), 0.5, labels=[{"i": i} for i in range(3)])
     tokens.save(tmp_path / "t.safetensors")
     back = projection.QualityTokens.load(tmp_path / "t.safetensors")
     assert torch.equal(back.cond, tokens.cond) and torch.equal(back.uncond, tokens.uncond)
@@ -430,7 +467,7 @@ def test_ip_attention_broadcast_and_decoupled_sum():
 
 def test_precompute_ip_kv(tmp_path):
     adapter, sd = load_small(tmp_path)
-    tokens = projection.encode_tokens(adapter, torch.randn(2, 2)).cond
+    tokens = iqa_adapter.encode_tokens(adapter, torch.randn(2, 2)).cond
     kv = attention.precompute_ip_kv(adapter, tokens)
     assert [tuple(k.shape) for k, _ in kv] == [(2, 3, 32), (2, 3, 48), (2, 3, 32)]
     torch.testing.assert_close(kv[1][1], tokens @ sd["ip_adapter.3.to_v_ip.weight"].T)
@@ -440,12 +477,12 @@ def test_precompute_ip_kv(tmp_path):
 
 def test_sd15_adapter_on_sdxl_model_is_refused():
     with pytest.raises(ValueError, match=r"adapter has 16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
-        layers.check_layers_match(synthetic.SD15_LAYER_WIDTHS, 768, synthetic.SDXL_LAYER_WIDTHS, 2048)
-    swapped = list(synthetic.SD15_LAYER_WIDTHS)
+        layers.check_layers_match(layers.SD15_LAYER_WIDTHS, 768, layers.SDXL_LAYER_WIDTHS, 2048)
+    swapped = list(layers.SD15_LAYER_WIDTHS)
     swapped[0] = 640
     with pytest.raises(ValueError, match="layer 0 .*ip_adapter.1.* width 640"):
-        layers.check_layers_match(swapped, 768, synthetic.SD15_LAYER_WIDTHS, 768)
-    layers.check_layers_match(synthetic.SDXL_LAYER_WIDTHS, 2048, synthetic.SDXL_LAYER_WIDTHS, 2048)
+        layers.check_layers_match(swapped, 768, layers.SD15_LAYER_WIDTHS, 768)
+    layers.check_layers_match(layers.SDXL_LAYER_WIDTHS, 2048, layers.SDXL_LAYER_WIDTHS, 2048)
 
 
 def test_misnamed_files_are_read_by_content(tmp_path):
@@ -453,7 +490,7 @@ def test_misnamed_files_are_read_by_content(tmp_path):
     st_as_bin = tmp_path / "really_safetensors.bin"
     save_file(sd, str(st_as_bin))
     torch_as_st = tmp_path / "really_torch.safetensors"
-    torch.save(synthetic.nested_bin_layout(sd), torch_as_st)
+    torch.save(random_weights.nested_bin_layout(sd), torch_as_st)
     for path in (st_as_bin, torch_as_st):
         weights = checkpoint.load_adapter_weights(path)
         assert torch.equal(weights.to_v_ip[2], sd["ip_adapter.5.to_v_ip.weight"])
@@ -466,17 +503,17 @@ def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
     """encode (targets, sweep, reference all go through encode_tokens), loaded tokens, empty rows."""
     from comfyui_iqa_adapter.adapter import errors, files
 
-    state = synthetic.random_adapter_state_dict(cross_attention_dim=32, layer_widths=[16, 32], num_tokens=2,
+    state = random_weights.random_adapter_state_dict(cross_attention_dim=32, layer_widths=[16, 32], num_tokens=2,
                                                 input_dim=6, seed=3)
     path = tmp_path / "ref.safetensors"
     save_file(state, str(path))
     reference = descriptor.descriptor_from_dict({"kind": "reference", "extractor": {"model": "m", "layers": ["x"], "dim": 6}})
-    adapter = checkpoint.load_adapter(path, reference)
-    ok = projection.encode_tokens(adapter, torch.ones(2, 6))
+    adapter = iqa_adapter.load_adapter(path, reference)
+    ok = iqa_adapter.encode_tokens(adapter, torch.ones(2, 6))
     assert ok.batch_size == 2
     for vectors in (torch.full((1, 6), 1e30), torch.full((1, 6), float("nan")), torch.full((1, 6), 1e7)):
         with pytest.raises(errors.InputError):
-            projection.encode_tokens(adapter, vectors)
+            iqa_adapter.encode_tokens(adapter, vectors)
     for cond in (torch.full((1, 2, 32), 1e30), torch.full((1, 2, 32), float("nan")), torch.zeros(0, 2, 32)):
         with pytest.raises(ValueError):
             projection.QualityTokens(cond, cond.clone())

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
+from comfyui_iqa_adapter.adapter import iqa_adapter
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
+from comfyui_iqa_adapter.scripts import random_weights
 
 diffusers = pytest.importorskip("diffusers", reason="SKIPPED LOUDLY: diffusers is not installed (requirements-dev.txt)")
 
@@ -100,12 +101,12 @@ def build_pair(comfy, name: str, tmp_path):
     layers = diffusers_cross_attention_layers(unet)
     widths = [attn.to_k.out_features for _, attn in layers]
     context_dim = diffusers_config["cross_attention_dim"]
-    sd = synthetic.random_adapter_state_dict(context_dim, widths, num_tokens=3, input_dim=2, seed=11)
+    sd = random_weights.random_adapter_state_dict(context_dim, widths, num_tokens=3, input_dim=2, seed=11)
     path = tmp_path / f"{name}_adapter.safetensors"
     from safetensors.torch import save_file
 
     save_file(sd, str(path))
-    adapter = checkpoint.load_adapter(path, descriptor=DESCRIPTOR)
+    adapter = iqa_adapter.load_adapter(path, descriptor=DESCRIPTOR)
 
     # diffusers side: the authors' loading scheme, by processor position.
     processors = {}
@@ -158,7 +159,7 @@ def test_noise_prediction_matches_diffusers(pair, weight, cfg_batch):
     t = torch.tensor([421.0, 421.0])
     text = {0: torch.randn(latents, 7, diffusers_config["cross_attention_dim"], generator=gen),
             1: torch.randn(latents, 7, diffusers_config["cross_attention_dim"], generator=gen)}
-    tokens = projection.encode_tokens(adapter, torch.tensor([[2.0, 1.5], [-2.0, -1.0]]))  # target i -> latent i
+    tokens = iqa_adapter.encode_tokens(adapter, torch.tensor([[2.0, 1.5], [-2.0, -1.0]]))  # target i -> latent i
     ip = {0: tokens.cond, 1: tokens.uncond}
     added, y = {}, None
     if name == "sdxl":

@@ -57,12 +57,12 @@ def test_wrong_batch_size_is_an_execution_error(comfy_server):
     result = comfy_server.run(graph)
     assert not result.ok
     message = result.error_message()
-    assert "IQAAdapterApply: tokens" in message and "2 targets" in message and "latent batch is 3" in message
+    assert "Apply Quality Adapter: tokens" in message and "2 targets" in message and "latent batch is 3" in message
     assert comfy_server.alive()
 
 
 @pytest.mark.parametrize("targets,target,expected", [
-    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got '100.0'"),
+    ("", 100.0, "Quality Target: percentile: expected a percentile from 1 to 99, got 100.0"),
     ("topiq_nr=99, laion_aes=100", 99.0, "Quality Target: targets: row 1, laion_aes: percentile 100 is outside"),
     ("topiq_nr=99, laion_aes=high", 99.0, "Quality Target: targets: "),
 ])
@@ -88,12 +88,13 @@ def test_a_row_naming_some_metrics_takes_the_rest_from_the_slider(comfy, tiny_ch
 @pytest.fixture(scope="module")
 def tiny_state(host_dir):
     """A valid state dict with the tiny adapter's shapes: what the bad files are made from."""
-    from comfyui_iqa_adapter.adapter import checkpoint, synthetic
+    from comfyui_iqa_adapter.adapter import checkpoint
+    from comfyui_iqa_adapter.scripts import random_weights
 
     info = checkpoint.load_adapter_weights(host_dir / "models" / "iqa_adapter" / TINY_ADAPTER).info
-    return synthetic.random_adapter_state_dict(info.cross_attention_dim, list(info.layer_widths),
-                                               num_tokens=info.num_tokens, input_dim=info.input_dim,
-                                               projection_kind=info.projection_kind, seed=0)
+    return random_weights.random_adapter_state_dict(info.cross_attention_dim, list(info.layer_widths),
+                                                    num_tokens=info.num_tokens, input_dim=info.input_dim,
+                                                    projection_kind=info.projection_kind, seed=0)
 
 
 @pytest.mark.parametrize("case", BAD_FILES, ids=lambda case: case.name)

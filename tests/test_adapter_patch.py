@@ -10,8 +10,9 @@ import copy
 
 import pytest
 import torch
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
+from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
+from comfyui_iqa_adapter.scripts import random_weights
 
 adapter_patch = None  # nodes/ imports the host: bound once the `comfy` fixture has put it on sys.path
 
@@ -19,8 +20,8 @@ TINY_ADAPTER_PATH = "models/iqa_adapter/tiny_sd15_iqa_adapter.safetensors"
 DESCRIPTOR = Descriptor(metrics=("topiq_nr", "laion_aes"), source="test")
 
 # Depth layouts of the host's detected configs (comfy/supported_models.py + model_detection), small channels.
-SD15_SMALL = dict(synthetic.SD15_UNET_CONFIG, image_size=32, model_channels=64, context_dim=96)
-SDXL_SMALL = dict(synthetic.SDXL_UNET_CONFIG, image_size=32, model_channels=64, context_dim=128, adm_in_channels=64)
+SD15_SMALL = dict(random_weights.SD15_UNET_CONFIG, image_size=32, model_channels=64, context_dim=96)
+SDXL_SMALL = dict(random_weights.SDXL_UNET_CONFIG, image_size=32, model_channels=64, context_dim=128, adm_in_channels=64)
 # SSD-1B-like: SDXL widths, fewer transformer blocks (the released 70-layer mapping does not apply).
 SSD1B_SMALL = dict(SDXL_SMALL, transformer_depth=[0, 0, 2, 2, 4, 4], transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4],
                    transformer_depth_middle=-1)
@@ -49,14 +50,14 @@ def build_small_model(comfy, config_class: str, unet_config: dict, seed: int = 0
 
 def random_adapter(model, seed=1, num_tokens=2, input_dim=2):
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
-    sd = synthetic.random_adapter_state_dict(context_dim, widths, num_tokens=num_tokens, input_dim=input_dim, seed=seed)
+    sd = random_weights.random_adapter_state_dict(context_dim, widths, num_tokens=num_tokens, input_dim=input_dim, seed=seed)
     weights = checkpoint.split_state_dict(sd)
     proj = projection.QualityProjection.from_weights(weights.image_proj, weights.info)
-    return checkpoint.IQAAdapter("<random>", weights.info, DESCRIPTOR, proj, weights.to_k_ip, weights.to_v_ip)
+    return iqa_adapter.IQAAdapter("<random>", weights.info, DESCRIPTOR, proj, weights.to_k_ip, weights.to_v_ip)
 
 
 def tokens_for(adapter, rows):
-    return projection.encode_tokens(adapter, torch.tensor(rows, dtype=torch.float32))
+    return iqa_adapter.encode_tokens(adapter, torch.tensor(rows, dtype=torch.float32))
 
 
 def forward(patcher, x, context, cond_or_uncond, sigma=1.0, y=None):
@@ -102,7 +103,7 @@ def _patch_module(comfy):
 @pytest.fixture(scope="module")
 def tiny(comfy, tiny_checkpoint, host_dir):
     model, _clip, _ = tiny_checkpoint
-    adapter = checkpoint.load_adapter(host_dir / TINY_ADAPTER_PATH)
+    adapter = iqa_adapter.load_adapter(host_dir / TINY_ADAPTER_PATH)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     context = torch.randn(2, 77, 768, generator=gen)
@@ -209,7 +210,7 @@ def test_cond_uncond_selection_and_per_item_targets(tiny):
 def test_target_count_mismatch_names_both_sizes(tiny):
     model, adapter, x, context = tiny
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[1, 1], [2, 2], [3, 3]]), 1.0)
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: tokens: .*3 targets.*latent batch is 2"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: tokens: .*3 targets.*latent batch is 2"):
         forward(patched, x, context, [0])
 
 
@@ -273,7 +274,7 @@ def test_start_end_window(tiny):
         base = forward(model, x, context, [1, 0], sigma=sigma)
         assert torch.equal(forward(off, x, context, [1, 0], sigma=sigma), base)
         assert (forward(on, x, context, [1, 0], sigma=sigma) - base).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="IQAAdapterApply: start_at"):
+    with pytest.raises(ValueError, match="Apply Quality Adapter: start_at:"):
         adapter_patch.apply_iqa_adapter(model, adapter, tokens, 1.0, start_at=0.8, end_at=0.2)
 
 
@@ -281,14 +282,14 @@ def test_adapter_for_another_base_model_is_refused(comfy, tiny):
     _model, sd15_adapter, _, _ = tiny
     sdxl_model = build_small_model(comfy, "SDXL", SDXL_SMALL)
     tokens = tokens_for(sd15_adapter, [[1.0, 1.0]])
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: adapter: .*7 cross-attention layers.*model has 70"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: adapter: .*7 cross-attention layers.*model has 70"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sd15_adapter, tokens, 1.0)
     # SSD-1B-like: same widths and context size as SDXL, different depth layout.
     sdxl_adapter = random_adapter(sdxl_model)
     ssd = build_small_model(comfy, "SDXL", SSD1B_SMALL)
-    with pytest.raises(ValueError, match=r"IQAAdapterApply: adapter: .*70 cross-attention layers.*model has 34"):
+    with pytest.raises(ValueError, match=r"Apply Quality Adapter: adapter: .*70 cross-attention layers.*model has 34"):
         adapter_patch.apply_iqa_adapter(ssd, sdxl_adapter, tokens_for(sdxl_adapter, [[1.0, 1.0]]), 1.0)
-    with pytest.raises(ValueError, match="IQAAdapterApply: tokens: quality tokens have width 768"):
+    with pytest.raises(ValueError, match="Apply Quality Adapter: tokens: quality tokens have width 768"):
         adapter_patch.apply_iqa_adapter(sdxl_model, sdxl_adapter, tokens, 1.0)
 
 

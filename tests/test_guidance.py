@@ -17,7 +17,8 @@ import tempfile
 import pytest
 import torch
 from comfyui_iqa_adapter.adapter import guidance
-from comfyui_iqa_adapter.adapter.synthetic import alive_state_dict
+from comfyui_iqa_adapter.adapter.errors import InputError
+from comfyui_iqa_adapter.scripts import random_weights
 
 SIZE = 64
 STEPS = 4
@@ -131,7 +132,7 @@ def random_kl_vae(z_channels=4, ch=32, ch_mult=(1, 2, 2, 2), seed=0):
                 "ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     net = AutoencoderKL(ddconfig=ddconfig, embed_dim=z_channels)
     generator = torch.Generator().manual_seed(seed)
-    state = alive_state_dict(net.state_dict(), generator)
+    state = random_weights.alive_state_dict(net.state_dict(), generator)
     return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": z_channels}})
 
 
@@ -140,7 +141,7 @@ def random_metric(name="cnniqa", seed=0):
     folder = tempfile.mkdtemp(prefix="iqa-guidance-metric-")
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the constructor's init is the generated weight set
-        iqa_models.write_random_weights(name, folder, seed=seed)
+        random_weights.write_random_weights(name, folder, seed=seed)
     return iqa_models.load_metric(name, [folder], device="cpu", differentiable=True, use_cache=False)
 
 
@@ -325,7 +326,7 @@ def _install_server_metric_weights(model_files, name: str) -> None:
     with tempfile.TemporaryDirectory(prefix="iqa-guidance-weights-", dir=str(folder.parent)) as staging:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            written = iqa_models.write_random_weights(name, staging, seed=0)
+            written = random_weights.write_random_weights(name, staging, seed=0)
         for path in written:
             target = folder / os.path.basename(path)
             if not target.exists():
@@ -370,7 +371,7 @@ def test_guidance_through_the_real_server(comfy_server, model_files, txt2img):
 def test_composes_with_the_iqa_adapter_patch(setup, host_dir):
     # Both orders: the adapter's attn2 patches and the post-CFG guidance live side by side on clones.
     try:
-        from comfyui_iqa_adapter.adapter import checkpoint, projection, quality
+        from comfyui_iqa_adapter.adapter import iqa_adapter, quality
         from comfyui_iqa_adapter.nodes import adapter_patch
         apply_adapter = adapter_patch.apply_iqa_adapter
     except (ImportError, AttributeError) as error:
@@ -378,9 +379,9 @@ def test_composes_with_the_iqa_adapter_patch(setup, host_dir):
     adapter_file = host_dir / "models" / "iqa_adapter" / "tiny_sd15_iqa_adapter.safetensors"
     if not adapter_file.exists():
         pytest.skip(f"SKIPPED LOUDLY: tiny adapter missing at {adapter_file}: run scripts/setup.sh")
-    adapter = checkpoint.load_adapter(adapter_file)
+    adapter = iqa_adapter.load_adapter(adapter_file)
     targets = {name: 99 for name in adapter.descriptor.metrics}
-    tokens = projection.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, targets))
+    tokens = iqa_adapter.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, targets))
     with_adapter = apply_adapter(setup["model"], adapter, tokens, 1.0)
     adapter_then_guidance = setup["nodes"].build_guided_model(with_adapter, setup["vae"], setup["metric"],
                                                               2 * SCALE, 0.0, 1.0)
@@ -475,10 +476,12 @@ def test_every_image_taesd_the_host_ships_loads_and_video_formats_are_refused(co
         image = module.decode(latent)
         assert image.shape[1] == 3 and image.shape[-1] > 4, (type(latent_format).__name__, tuple(image.shape))
     print(f"\nimage TAESDs: {sorted({type(f).__name__ + ':' + str(f.latent_channels) for f in image_formats})}")
-    for latent_format in video_formats:
-        with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): model: .*video format"):
+    for latent_format in video_formats:  # the node's error wrapper adds 'Quality Guidance (gradient): model: '
+        with pytest.raises(InputError, match=r"video format") as refused:
             nodes._check_image_latents(latent_format)
+        assert refused.value.input_name == "model"
     # A decoder file for another latent size is refused by name, not loaded into the wrong network.
     sd15 = next(f for f in image_formats if f.latent_channels == 4)
-    with pytest.raises(ValueError, match=r"Quality Guidance \(gradient\): decoder: .*takes 16 latent channels.*has 4"):
+    with pytest.raises(InputError, match=r"takes 16 latent channels.*has 4") as refused:
         nodes._taesd_latent_channels({"1.weight": torch.zeros(64, 16, 3, 3)}, sd15)
+    assert refused.value.input_name == "decoder"

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from support import third_party
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
+from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, layers, projection
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
+from comfyui_iqa_adapter.scripts import random_weights
 from safetensors.torch import save_file, load_file
 from support.graphs import TINY_CHECKPOINT, encode_target
 from test_adapter_patch import SD15_SMALL, SDXL_SMALL, build_small_model, forward
@@ -43,11 +44,11 @@ def adapter_patch(comfy):
 
 def iqa_adapter_for(adapter_patch, model, seed=1):
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
-    weights = checkpoint.split_state_dict(synthetic.random_adapter_state_dict(context_dim, widths, seed=seed))
+    weights = checkpoint.split_state_dict(random_weights.random_adapter_state_dict(context_dim, widths, seed=seed))
     proj = projection.QualityProjection.from_weights(weights.image_proj, weights.info)
-    adapter = checkpoint.IQAAdapter("<random>", weights.info, Descriptor(metrics=("topiq_nr", "laion_aes"), source="test"),
+    adapter = iqa_adapter.IQAAdapter("<random>", weights.info, Descriptor(metrics=("topiq_nr", "laion_aes"), source="test"),
                                     proj, weights.to_k_ip, weights.to_v_ip)
-    return adapter, projection.encode_tokens(adapter, torch.tensor([[2.0, -1.0]]))
+    return adapter, iqa_adapter.encode_tokens(adapter, torch.tensor([[2.0, -1.0]]))
 
 
 class Setup:
@@ -188,7 +189,7 @@ def _tiny_ip_adapter_file(host_dir: pathlib.Path, path: pathlib.Path) -> None:
 
     unet = {k: v.shape for k, v in load_file(str(host_dir / "models" / "checkpoints" / TINY_CHECKPOINT)).items()
             if k.endswith("attn2.to_k.weight")}
-    widths = list(synthetic.SD15_LAYER_WIDTHS)
+    widths = list(layers.SD15_LAYER_WIDTHS)
     for k, (block, block_id) in enumerate(third_party.IPADAPTER_SD15_KEYS):
         name = f"model.diffusion_model.{block}_blocks.{block_id}.1.transformer_blocks.0.attn2.to_k.weight"
         if name in unet:

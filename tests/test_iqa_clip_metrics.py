@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 pytest.importorskip("clip", reason="SKIPPED LOUDLY: the openai 'clip' package (pyiqa dependency) is not installed")
 
-from comfyui_iqa_adapter.adapter import iqa_models  # noqa: E402
+from comfyui_iqa_adapter.adapter import iqa_models, metric_files  # noqa: E402
+from comfyui_iqa_adapter.scripts import random_weights  # noqa: E402
 from support.bad_files import RunsCode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("isolated_metric_caches")
@@ -33,7 +34,7 @@ TINY_VIT_B32 = dict(vision_width=64, vision_layers=2, transformer_width=64, tran
 def rn50_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip_rn50")
     start = time.monotonic()
-    path = iqa_models.write_random_clip_weights("RN50", str(folder), seed=1)
+    path = random_weights.write_random_clip_weights("RN50", str(folder), seed=1)
     print(f"\nrandom RN50 CLIP written in {time.monotonic() - start:.1f} s")
     assert pathlib.Path(path).name == "RN50.pt"
     return folder
@@ -78,11 +79,11 @@ def test_other_clip_weights_give_other_scores_and_the_cache_follows_the_file(rn5
     # (two separate builds from the same tensors score identically: test_safetensors_clip_is_accepted)
     first = iqa_models.load_metric("clipiqa", [str(rn50_dir)], "cpu").score(images())
     other = tmp_path / "other"
-    iqa_models.write_random_clip_weights("RN50", str(other), seed=2)
+    random_weights.write_random_clip_weights("RN50", str(other), seed=2)
     cached = iqa_models.load_metric("clipiqa", [str(other)], "cpu")
     assert not torch.allclose(first, cached.score(images()))
     # overwrite the CLIP file: the cached metric is rebuilt from the new tensors
-    iqa_models.write_random_clip_weights("RN50", str(other), seed=3)
+    random_weights.write_random_clip_weights("RN50", str(other), seed=3)
     rebuilt = iqa_models.load_metric("clipiqa", [str(other)], "cpu")
     assert rebuilt is not cached
 
@@ -101,7 +102,7 @@ def test_safetensors_clip_is_accepted(rn50_dir, tmp_path):
 def test_clipiqa_plus_reads_its_prompt_file(rn50_dir, tmp_path):
     user = tmp_path / "iqa"
     user.mkdir()
-    with pytest.raises(iqa_models.MissingMetricWeightsError, match=r"CLIP-IQA\+_learned_prompts"):
+    with pytest.raises(metric_files.MissingMetricWeightsError, match=r"CLIP-IQA\+_learned_prompts"):
         iqa_models.load_metric("clipiqa+", [str(rn50_dir), str(user)], "cpu")
     prompts = torch.randn(2, 16, 512, generator=torch.Generator().manual_seed(7))
     torch.save(prompts, user / CLIPIQA_PLUS_PROMPTS)
@@ -117,7 +118,7 @@ def test_clipiqa_plus_reads_its_prompt_file(rn50_dir, tmp_path):
 def test_laion_aes_missing_clip_fails_fast_without_network(tmp_path, network_attempts):
     user = tmp_path / "models" / "iqa"
     user.mkdir(parents=True)
-    with pytest.raises(iqa_models.MissingMetricWeightsError) as caught:
+    with pytest.raises(metric_files.MissingMetricWeightsError) as caught:
         iqa_models.load_metric("laion_aes", [str(user)], "cpu")
     message = str(caught.value)
     assert "laion_aes" in message and "'ViT-L-14.pt'" in message and str(user) in message
@@ -127,14 +128,14 @@ def test_laion_aes_missing_clip_fails_fast_without_network(tmp_path, network_att
 
 def test_laion_aes_end_to_end_equals_pyiqa(tmp_path, network_attempts, monkeypatch):
     user = tmp_path / "iqa"
-    clip_path = pathlib.Path(iqa_models.write_random_clip_weights("ViT-L/14", str(user), seed=4, **TINY_VIT_L14))
+    clip_path = pathlib.Path(random_weights.write_random_clip_weights("ViT-L/14", str(user), seed=4, **TINY_VIT_L14))
     assert clip_path.name == "ViT-L-14.pt"
     # the CLIP is there, the head is not: the error names the head file
     with pytest.warns(UserWarning, match="not the official CLIP ViT-L/14"):
-        with pytest.raises(iqa_models.MissingMetricWeightsError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
+        with pytest.raises(metric_files.MissingMetricWeightsError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
             iqa_models.load_metric("laion_aes", [str(user)], "cpu")
     with pytest.warns(UserWarning, match="not the official CLIP ViT-L/14"):
-        written = iqa_models.write_random_weights("laion_aes", str(user), seed=5, noise=0.1)
+        written = random_weights.write_random_weights("laion_aes", str(user), seed=5, noise=0.1)
     assert [pathlib.Path(p).name for p in written] == [LAION_HEAD]  # the existing CLIP file is kept
     with pytest.warns(UserWarning, match="not the official CLIP ViT-L/14"):
         metric = iqa_models.load_metric("laion_aes", [str(user)], "cpu")
@@ -164,9 +165,9 @@ def test_liqe_text_features_come_from_the_loaded_weights(tmp_path):
     feature_cache = pathlib.Path(liqe_arch.DEFAULT_CACHE_DIR) / "liqe_text_feat.pt"  # fixed at pyiqa's import
     cache_before = feature_cache.stat().st_mtime if feature_cache.exists() else None
     user = tmp_path / "iqa"
-    iqa_models.write_random_clip_weights("ViT-B/32", str(user), seed=6, **TINY_VIT_B32)
+    random_weights.write_random_clip_weights("ViT-B/32", str(user), seed=6, **TINY_VIT_B32)
     with pytest.warns(UserWarning):
-        written = iqa_models.write_random_weights("liqe", str(user), seed=6, noise=0.2)
+        written = random_weights.write_random_weights("liqe", str(user), seed=6, noise=0.2)
     assert [pathlib.Path(p).name for p in written] == ["liqe_koniq.pt"]
     with pytest.warns(UserWarning):
         metric = iqa_models.load_metric("liqe", [str(user)], "cpu")
@@ -185,7 +186,7 @@ def test_malicious_clip_pickle_is_never_executed(tmp_path, network_attempts):
     user = tmp_path / "iqa"
     user.mkdir()
     torch.save({"visual.proj": torch.zeros(1), "evil": RunsCode(str(marker))}, user / "ViT-L-14.pt")
-    with pytest.raises(iqa_models.UnsafeWeightsError, match="could not be read safely"):
+    with pytest.raises(metric_files.UnsafeWeightsError, match="could not be read safely"):
         iqa_models.load_metric("laion_aes", [str(user)], "cpu")
     assert not marker.exists()
     assert network_attempts == []
@@ -199,7 +200,7 @@ def test_torchscript_clip_is_refused_with_the_conversion_line(tmp_path, monkeypa
     jit_calls = []
     original_jit_load = torch.jit.load
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: jit_calls.append(a) or original_jit_load(*a, **k))
-    with pytest.raises(iqa_models.UnsafeWeightsError) as caught:
+    with pytest.raises(metric_files.UnsafeWeightsError) as caught:
         iqa_models.load_metric("clipiqa", [str(user)], "cpu")
     message = str(caught.value)
     assert "TorchScript" in message and "clip.load('RN50'" in message and "RN50.safetensors" in message

@@ -16,8 +16,10 @@ import torch
 
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 
-from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, reference, synthetic  # noqa: E402
+from comfyui_iqa_adapter.adapter import iqa_adapter, iqa_models, metric_files, reference  # noqa: E402
+from comfyui_iqa_adapter.adapter.layers import SD15_LAYER_WIDTHS  # noqa: E402
 from comfyui_iqa_adapter.models import metrics as catalog  # noqa: E402
+from comfyui_iqa_adapter.scripts import random_weights  # noqa: E402
 from support.bad_files import RunsCode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("isolated_metric_caches")
@@ -29,7 +31,7 @@ CNNIQA_FILE = "CNNIQA_koniq10k-e6f14c91.pth"
 def weights_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("iqa_weights")
     for name in ("cnniqa", "musiq", "topiq_nr"):
-        iqa_models.write_random_weights(name, str(folder), seed=1, noise=0.05)
+        random_weights.write_random_weights(name, str(folder), seed=1, noise=0.05)
     return folder
 
 
@@ -71,7 +73,7 @@ def test_scores_equal_direct_pyiqa(weights_dir, name, build_kwargs):
 
 def test_random_weights_change_the_scores(weights_dir, tmp_path):
     other = tmp_path / "other"
-    iqa_models.write_random_weights("cnniqa", str(other), seed=2, noise=0.5)
+    random_weights.write_random_weights("cnniqa", str(other), seed=2, noise=0.5)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     first = iqa_models.load_metric("cnniqa", [str(weights_dir)], "cpu", use_cache=False).score(images)
     second = iqa_models.load_metric("cnniqa", [str(other)], "cpu", use_cache=False).score(images)
@@ -117,17 +119,78 @@ def test_missing_weights_fail_without_network_and_say_where(tmp_path, network_at
     user.mkdir(parents=True)
     for name, file_name in (("musiq", "musiq_koniq_ckpt-e95806b9.pth"), ("cnniqa", CNNIQA_FILE),
                             ("topiq_nr", "cfanet_nr_koniq_res50-9a73138b.pth")):
-        with pytest.raises(iqa_models.MissingMetricWeightsError) as caught:
+        with pytest.raises(metric_files.MissingMetricWeightsError) as caught:
             iqa_models.load_metric(name, [str(user)], "cpu")
         assert network_attempts == [], f"{name}: the missing-weights path tried the network"
         message = str(caught.value)
         assert name in message and file_name in message and str(user) in message
 
 
+def test_a_build_patches_only_what_pyiqa_sees(tmp_path, monkeypatch, network_attempts):
+    """While pyiqa builds a metric, its modules see a guarded torch (no unpickling, no TorchScript, no
+    downloads); the process-wide torch.load / torch.jit.load / Module.load_state_dict / torch.hub stay the
+    originals for every other thread, and pyiqa's globals are restored afterwards."""
+    import datetime
+    import pickle
+    import threading
+
+    import pyiqa.archs.cnniqa_arch as cnniqa_arch
+
+    folder = tmp_path / "weights"
+    random_weights.write_random_weights("cnniqa", str(folder), seed=1)
+    tensors, code = tmp_path / "tensors.pt", tmp_path / "object.pt"
+    torch.save({"w": torch.ones(2)}, tensors)
+    torch.save(datetime.date(2020, 1, 1), code)  # unpickling needs a global that is not a tensor type
+
+    def process_wide():
+        return torch.load, torch.jit.load, torch.nn.Module.load_state_dict, torch.hub.load_state_dict_from_url
+    originals = process_wide()
+    seen = {}
+    build_network = cnniqa_arch.CNNIQA.__init__
+
+    def attempt(what, call):
+        try:
+            seen[what] = call()
+        except Exception as error:  # noqa: BLE001 - the test inspects what was raised
+            seen[what] = error
+
+    def spying_init(self, *args, **kwargs):
+        other = threading.Thread(target=lambda: seen.setdefault("other thread", process_wide()))
+        other.start()
+        other.join()
+        guarded = cnniqa_arch.torch
+        seen["pyiqa torch"] = guarded
+        attempt("tensors, positional map_location", lambda: guarded.load(str(tensors), "cpu"))
+        attempt("pickled object", lambda: guarded.load(str(code), "cpu"))
+        attempt("torchscript", lambda: guarded.jit.load(str(tensors)))
+        attempt("download", lambda: guarded.hub.download_url_to_file("https://example.invalid/x.pth", str(tmp_path / "x")))
+        build_network(self, *args, **kwargs)
+
+    monkeypatch.setattr(cnniqa_arch.CNNIQA, "__init__", spying_init)
+    metric = iqa_models.load_metric("cnniqa", [str(folder)], "cpu", use_cache=False)
+    assert metric.weight_files == [str(folder / CNNIQA_FILE)]
+    assert all(a is b for a, b in zip(seen["other thread"], originals)), "a process-wide function was replaced"
+    assert all(a is b for a, b in zip(process_wide(), originals))
+    assert seen["pyiqa torch"] is not torch and cnniqa_arch.torch is torch  # guarded during the build only
+    assert torch.equal(seen["tensors, positional map_location"]["w"], torch.ones(2))
+    assert isinstance(seen["pickled object"], pickle.UnpicklingError)  # weights_only=True, whatever pyiqa asks
+    assert isinstance(seen["torchscript"], metric_files.UnsafeWeightsError)
+    assert isinstance(seen["download"], metric_files.MissingMetricWeightsError)
+    assert network_attempts == []
+
+
+def test_face_metric_names_its_detector_file_without_network(network_attempts):
+    """topiq_nr-face builds facexlib's face detector, whose loader downloads: it is answered locally too."""
+    pytest.importorskip("facexlib", reason="SKIPPED LOUDLY: facexlib (pyiqa dependency) is not installed")
+    with pytest.raises(metric_files.MissingMetricWeightsError, match=r"detection_Resnet50_Final\.pth"):
+        iqa_models.expected_weight_files("topiq_nr-face")
+    assert network_attempts == []
+
+
 def test_file_in_pyiqa_cache_dir_is_found(tmp_path):
-    cache = iqa_models.pyiqa_cache_dir()
+    cache = metric_files.pyiqa_cache_dir()
     assert cache.startswith(str(tmp_path))  # TORCH_HOME isolation is effective
-    iqa_models.write_random_weights("cnniqa", cache, seed=3)
+    random_weights.write_random_weights("cnniqa", cache, seed=3)
     metric = iqa_models.load_metric("cnniqa", [str(tmp_path / "empty")], "cpu")
     assert metric.weight_files == [os.path.join(cache, CNNIQA_FILE)]
 
@@ -148,17 +211,17 @@ def test_pickle_payload_is_never_executed(tmp_path):
     user = tmp_path / "iqa"
     user.mkdir()
     torch.save({"params": {"conv1.weight": torch.zeros(1)}, "evil": RunsCode(str(marker))}, user / CNNIQA_FILE)
-    with pytest.raises(iqa_models.UnsafeWeightsError, match="could not be read safely"):
+    with pytest.raises(metric_files.UnsafeWeightsError, match="could not be read safely"):
         iqa_models.load_metric("cnniqa", [str(user)], "cpu")
     assert not marker.exists()
 
 
 def test_cache_reuses_and_reloads_when_the_file_changes(tmp_path):
-    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=4)
+    random_weights.write_random_weights("cnniqa", str(tmp_path), seed=4)
     first = iqa_models.load_metric("cnniqa", [str(tmp_path)], "cpu")
     assert iqa_models.load_metric("cnniqa", [str(tmp_path)], "cpu") is first
     path = tmp_path / CNNIQA_FILE
-    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=5, noise=0.5)
+    random_weights.write_random_weights("cnniqa", str(tmp_path), seed=5, noise=0.5)
     os.utime(path, (time.time() + 5, time.time() + 5))
     second = iqa_models.load_metric("cnniqa", [str(tmp_path)], "cpu")
     assert second is not first
@@ -198,7 +261,7 @@ def make_reference_adapter(folder: pathlib.Path, dim: int, model="cnniqa", layer
                            name="tiny_reference_adapter") -> pathlib.Path:
     from safetensors.torch import save_file
 
-    state = synthetic.random_adapter_state_dict(768, synthetic.SD15_LAYER_WIDTHS, num_tokens=2, input_dim=dim,
+    state = random_weights.random_adapter_state_dict(768, SD15_LAYER_WIDTHS, num_tokens=2, input_dim=dim,
                                                 seed=seed)
     path = folder / f"{name}.safetensors"
     save_file(state, str(path))
@@ -209,7 +272,7 @@ def make_reference_adapter(folder: pathlib.Path, dim: int, model="cnniqa", layer
 
 def test_reference_tokens_follow_the_reference(weights_dir, tmp_path):
     metric = iqa_models.load_metric("cnniqa", [str(weights_dir)], "cpu")
-    adapter = checkpoint.load_adapter(make_reference_adapter(tmp_path, 50))
+    adapter = iqa_adapter.load_adapter(make_reference_adapter(tmp_path, 50))
     gen = torch.Generator().manual_seed(5)
     sharp, blurry = torch.rand(1, 3, 64, 64, generator=gen), torch.full((1, 3, 64, 64), 0.5)
     vectors = reference.reference_vectors(adapter, metric, torch.cat([sharp, blurry]))
@@ -228,19 +291,19 @@ def test_reference_tokens_follow_the_reference(weights_dir, tmp_path):
 
 def test_reference_errors(weights_dir, tmp_path):
     metric = iqa_models.load_metric("cnniqa", [str(weights_dir)], "cpu")
-    wrong_dim = checkpoint.load_adapter(make_reference_adapter(tmp_path, 64, name="wrong_dim"))
+    wrong_dim = iqa_adapter.load_adapter(make_reference_adapter(tmp_path, 64, name="wrong_dim"))
     with pytest.raises(ValueError, match=r"50 values.*input_dim is 64"):
         reference.encode_reference(wrong_dim, metric, torch.rand(1, 3, 32, 32))
-    wrong_layer = checkpoint.load_adapter(make_reference_adapter(tmp_path, 50, layers=("nope",), name="wrong_layer"))
+    wrong_layer = iqa_adapter.load_adapter(make_reference_adapter(tmp_path, 50, layers=("nope",), name="wrong_layer"))
     with pytest.raises(ValueError, match="'nope' does not exist"):
         reference.encode_reference(wrong_layer, metric, torch.rand(1, 3, 32, 32))
-    other_model = checkpoint.load_adapter(make_reference_adapter(tmp_path, 50, model="musiq", name="other_model"))
+    other_model = iqa_adapter.load_adapter(make_reference_adapter(tmp_path, 50, model="musiq", name="other_model"))
     with pytest.raises(ValueError, match="trained on activations of 'musiq'"):
         reference.encode_reference(other_model, metric, torch.rand(1, 3, 32, 32))
     from safetensors.torch import save_file
-    save_file(synthetic.random_adapter_state_dict(768, synthetic.SD15_LAYER_WIDTHS, input_dim=2),
+    save_file(random_weights.random_adapter_state_dict(768, SD15_LAYER_WIDTHS, input_dim=2),
               str(tmp_path / "score.safetensors"))
     (tmp_path / "score.json").write_text(json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
-    score_adapter = checkpoint.load_adapter(tmp_path / "score.safetensors")
+    score_adapter = iqa_adapter.load_adapter(tmp_path / "score.safetensors")
     with pytest.raises(ValueError, match="this adapter is score-conditioned"):
         reference.encode_reference(score_adapter, metric, torch.rand(1, 3, 32, 32))

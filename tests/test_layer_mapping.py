@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from comfyui_iqa_adapter.adapter import layers, synthetic
+from comfyui_iqa_adapter.adapter import layers
 
 SD15_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -72,8 +72,8 @@ def host_order(comfy, unet):
 
 
 @pytest.mark.parametrize("config, expected_widths, context_dim", [
-    (SD15_CONFIG, synthetic.SD15_LAYER_WIDTHS, 768),
-    (SDXL_CONFIG, synthetic.SDXL_LAYER_WIDTHS, 2048),
+    (SD15_CONFIG, layers.SD15_LAYER_WIDTHS, 768),
+    (SDXL_CONFIG, layers.SDXL_LAYER_WIDTHS, 2048),
 ], ids=["sd15", "sdxl"])
 def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, context_dim):
     unet = diffusers_unet(config)
@@ -96,4 +96,4 @@ def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, c
 def test_sd15_adapter_refused_on_sdxl_layout(host):
     _, sdxl_widths, sdxl_config = host_order(host, diffusers_unet(SDXL_CONFIG))
     with pytest.raises(ValueError, match=r"16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
-        layers.check_layers_match(synthetic.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])
+        layers.check_layers_match(layers.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 
 from comfyui_iqa_adapter.adapter import iqa_models  # noqa: E402
+from comfyui_iqa_adapter.scripts import random_weights  # noqa: E402
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def _managed_nets(comfy):
 def test_scoring_hands_the_metric_to_the_model_manager(comfy, metric_nodes, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     iqa_models.clear_metric_cache()
-    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
+    random_weights.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
     metric = iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu")
     images = torch.rand(3, 48, 40, 3, generator=torch.Generator().manual_seed(0))  # ComfyUI IMAGE layout
 
@@ -48,7 +49,7 @@ def test_metric_cache_cap_counts_gradient_variants(tmp_path, monkeypatch):
     """The same metrics with and without gradients are separate entries; the cap holds over all of them."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     iqa_models.clear_metric_cache()
-    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
+    random_weights.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
     for name in ("cnniqa", "piqe", "psnr"):
         for differentiable in (False, True):
             iqa_models.load_metric(name, [str(tmp_path)], device="cpu", differentiable=differentiable)
@@ -63,11 +64,11 @@ def test_replaced_metric_weights_with_preserved_mtime_are_read_again(tmp_path, m
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     iqa_models.clear_metric_cache()
-    (path,) = iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
+    (path,) = random_weights.write_random_weights("cnniqa", str(tmp_path), seed=7, noise=0.05)
     first = iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu")
     assert iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu") is first
     stat = os.stat(path)
-    iqa_models.write_random_weights("cnniqa", str(tmp_path), seed=8, noise=0.05)
+    random_weights.write_random_weights("cnniqa", str(tmp_path), seed=8, noise=0.05)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
     second = iqa_models.load_metric("cnniqa", [str(tmp_path)], device="cpu")

@@ -2,7 +2,7 @@
 
 - a workflow scores an image with a weight-free metric (piqe) and the number equals pyiqa on the same pixels;
 - the reference encoder drives sampling of the tiny SD1.5 model: a reference-kind adapter (generated with
-  adapter/synthetic.py + sidecar JSON) on cnniqa activations (generated cnniqa weights in models/iqa);
+  scripts/random_weights.py + sidecar JSON) on cnniqa activations (generated cnniqa weights in models/iqa);
   different references give different images, and a score-kind adapter is refused with a clear message.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("pyiqa", reason="SKIPPED LOUDLY: pyiqa is not installed (requirements.txt)")
 
-from comfyui_iqa_adapter.adapter import checkpoint, iqa_models, synthetic  # noqa: E402
+from comfyui_iqa_adapter.adapter import checkpoint, iqa_models  # noqa: E402
+from comfyui_iqa_adapter.scripts import random_weights  # noqa: E402
 from support.graphs import TINY_CHECKPOINT, txt2img  # noqa: E402
 
 
@@ -148,7 +149,7 @@ def reference_setup(comfy_server, module_model_files):
     files = module_model_files
     iqa_dir = files.models_dir / "iqa"
     present = {path.name for path in iqa_dir.iterdir()} if iqa_dir.is_dir() else set()
-    iqa_models.write_random_weights("cnniqa", str(iqa_dir), seed=11, noise=0.1)
+    random_weights.write_random_weights("cnniqa", str(iqa_dir), seed=11, noise=0.1)
     files.track_new("iqa", present)
     adapter_dir = files.models_dir / "iqa_adapter"
     stem = "test_reference_tiny_sd15"
@@ -157,14 +158,14 @@ def reference_setup(comfy_server, module_model_files):
     if not tiny_adapter.exists():
         pytest.skip(f"SKIPPED LOUDLY: {tiny_adapter} missing: run `bash scripts/setup.sh`")
     widths = checkpoint.load_adapter_weights(tiny_adapter).info.layer_widths
-    state = synthetic.random_adapter_state_dict(768, widths, num_tokens=2, input_dim=50, seed=3)
+    state = random_weights.random_adapter_state_dict(768, widths, num_tokens=2, input_dim=50, seed=3)
     # large projection weights so that the tiny model's image visibly depends on the tokens
     state["image_proj.proj.weight"] = state["image_proj.proj.weight"] * 20
     save_file(state, str(files.path("iqa_adapter", f"{stem}.safetensors")))
     files.path("iqa_adapter", f"{stem}.json").write_text(json.dumps(
         {"kind": "reference", "extractor": {"model": "cnniqa", "layers": ["conv1"], "pooling": "avg", "dim": 50}}))
     score_stem = "test_reference_score_kind"
-    save_file(synthetic.random_adapter_state_dict(768, widths, input_dim=2),
+    save_file(random_weights.random_adapter_state_dict(768, widths, input_dim=2),
               str(files.path("iqa_adapter", f"{score_stem}.safetensors")))
     files.path("iqa_adapter", f"{score_stem}.json").write_text(json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
     names = [f"ref_{uuid.uuid4().hex[:8]}_{i}.png" for i in range(2)]

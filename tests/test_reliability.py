@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic
+from comfyui_iqa_adapter.adapter import iqa_adapter, projection
+from comfyui_iqa_adapter.scripts import random_weights
 
 from conftest import ComfyServer, PromptRejected, comfy_server_module
 from support.bad_files import BAD_FILES_BY_NAME
@@ -54,7 +55,7 @@ def adapter_dir(server) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def tiny_adapter(adapter_dir):
     """The tiny adapter as read by the pack (its layer widths define what 'matching' files look like)."""
-    return checkpoint.load_adapter(adapter_dir / TINY_ADAPTER)
+    return iqa_adapter.load_adapter(adapter_dir / TINY_ADAPTER)
 
 
 class ScratchAdapters:
@@ -102,7 +103,7 @@ def tiny_state(tiny_adapter, seed: int = 0, widths: list[int] | None = None, **o
     if info.mlp_hidden_dim:
         kwargs["mlp_hidden_dim"] = info.mlp_hidden_dim
     kwargs.update(overrides)
-    return synthetic.random_adapter_state_dict(**kwargs)
+    return random_weights.random_adapter_state_dict(**kwargs)
 
 
 def tokens_graph(adapter_name: str, targets: str = "", target: float = 50.0, mode: str = "percentile") -> dict:
@@ -591,7 +592,7 @@ def test_class2_no_silent_black_images(server):
     expect_exec_error(server, sweep_tokens_graph(hold="1e30"), "IQATargetSweep", "hold")
     expect_exec_error(server, sweep_tokens_graph(hold="1e15"), "IQATargetSweep", "hold")
     message = expect_exec_error(server, sweep_tokens_graph(mode="raw", start=1.0, stop=999.0), "IQATargetSweep")
-    assert ": to: " in message, message  # 1 is fine, 999 is not
+    assert ": stop: " in message, message  # 1 is fine, 999 is not
     for label, fill in (("huge", 1e30), ("nan", float("nan")), ("big", 5e4)):
         name = _write_tokens_file(server.input_dir, f"tokens_{label}", 2, fill=fill)
         expect_exec_error(server, load_tokens_graph(name), "IQAAdapterLoadTokens", "file", "quality tokens")

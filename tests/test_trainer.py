@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic, training, training_data, training_layout
+from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection, training, training_data, training_layout
+from comfyui_iqa_adapter.scripts import random_weights
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESOLUTION = 64
@@ -53,7 +54,7 @@ def make_images(folder: pathlib.Path, count: int, seed: int = 0, size=(80, 96)) 
 def random_module(base, seed=3, input_dim=1) -> training.TrainableAdapter:
     """A trainable module with random weights (not the to_k/to_v copies) so every path matters."""
     module = training.TrainableAdapter(base.cross_attention_dim, base.layer_widths, input_dim, 2)
-    state = synthetic.random_adapter_state_dict(base.cross_attention_dim, base.layer_widths, 2, input_dim, seed=seed)
+    state = random_weights.random_adapter_state_dict(base.cross_attention_dim, base.layer_widths, 2, input_dim, seed=seed)
     module.load_state_dict(state, strict=True)
     return module.attach(base).eval()
 
@@ -64,7 +65,7 @@ def inference_adapter(state: dict, descriptor_metrics=("piqe",)):
     weights = checkpoint.split_state_dict(state)
     proj = projection.QualityProjection.from_weights(weights.image_proj, weights.info)
     descriptor = Descriptor(metrics=descriptor_metrics, metric_stats={"piqe": {"mean": 0.0, "std": 1.0}}, source="test")
-    return checkpoint.IQAAdapter("<trained>", weights.info, descriptor, proj, weights.to_k_ip, weights.to_v_ip)
+    return iqa_adapter.IQAAdapter("<trained>", weights.info, descriptor, proj, weights.to_k_ip, weights.to_v_ip)
 
 
 def host_raw_output(patched, x, sigma, context):
@@ -98,7 +99,7 @@ def test_trainer_forward_equals_the_inference_patch(base, tiny_checkpoint):
         trained = module(noisy, timesteps, context, {}, vectors)
 
     adapter = inference_adapter(module.released_state_dict())
-    tokens = projection.encode_tokens(adapter, vectors)
+    tokens = iqa_adapter.encode_tokens(adapter, vectors)
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens, weight=1.0)
     sigma = model.model.model_sampling.sigmas[timesteps]
     xc, inferred = host_raw_output(patched, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, context)

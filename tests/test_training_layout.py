@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_iqa_adapter.adapter import checkpoint, projection, synthetic, training_layout
+from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection, training_layout
+from comfyui_iqa_adapter.scripts import random_weights
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 
 diffusers = pytest.importorskip("diffusers", reason="SKIPPED LOUDLY: diffusers is not installed (requirements-dev.txt)")
@@ -73,7 +74,7 @@ def sdxl_case(comfy):
     model = build_small_model(comfy, "SDXL", SDXL_SMALL, seed=4)
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
     assert len(widths) == 70
-    released = synthetic.random_adapter_state_dict(context_dim, widths, num_tokens=2, input_dim=2, seed=11)
+    released = random_weights.random_adapter_state_dict(context_dim, widths, num_tokens=2, input_dim=2, seed=11)
     return model, released, authors_training_state(released)
 
 
@@ -113,15 +114,15 @@ def test_authors_state_patches_like_the_released_file(sdxl_case, tmp_path, varia
 
     converted = tmp_path / "converted.safetensors"
     training_layout.convert_training_output(folder, converted, DESCRIPTOR)
-    direct = checkpoint.load_adapter(training_layout.training_output_file(folder), descriptor=descriptor)
-    for adapter in (checkpoint.load_adapter(converted), direct):
-        reference = checkpoint.load_adapter(released_path, descriptor=descriptor)
+    direct = iqa_adapter.load_adapter(training_layout.training_output_file(folder), descriptor=descriptor)
+    for adapter in (iqa_adapter.load_adapter(converted), direct):
+        reference = iqa_adapter.load_adapter(released_path, descriptor=descriptor)
         assert adapter.info == reference.info
         assert all(torch.equal(a, b) for a, b in zip(adapter.to_k_ip + adapter.to_v_ip, reference.to_k_ip + reference.to_v_ip))
         vectors = torch.tensor([[1.5, -0.5], [-2.0, 1.0]])
         installed = []
         for loaded in (adapter, reference):
-            tokens = projection.encode_tokens(loaded, vectors)
+            tokens = iqa_adapter.encode_tokens(loaded, vectors)
             patched = adapter_patch.apply_iqa_adapter(model, loaded, tokens)
             installed.append(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
         # Every host layer key gets the same quality keys/values (cond and uncond) from both files.

@@ -216,7 +216,8 @@ def test_ui_workflow_flows_left_to_right(name):
 @pytest.fixture(scope="module")
 def tiny_assets(comfy_server, module_model_files):
     """Random weights for the small metric, a tiny reference adapter, input images."""
-    from comfyui_iqa_adapter.adapter import iqa_models, synthetic
+    from comfyui_iqa_adapter.adapter import iqa_adapter, iqa_models
+    from comfyui_iqa_adapter.scripts import random_weights
     from safetensors.torch import save_file
     from PIL import Image
 
@@ -224,14 +225,13 @@ def tiny_assets(comfy_server, module_model_files):
     expected = iqa_models.expected_weight_files(SMALL_METRIC, [str(iqa_dir)])
     if not all((iqa_dir / pathlib.Path(f).name).exists() for f in expected):
         present = {path.name for path in iqa_dir.iterdir()} if iqa_dir.is_dir() else set()
-        iqa_models.write_random_weights(SMALL_METRIC, str(iqa_dir), seed=1, noise=0.05)
+        random_weights.write_random_weights(SMALL_METRIC, str(iqa_dir), seed=1, noise=0.05)
         module_model_files.track_new("iqa", present)  # removed after the module
     adapter_dir = comfy_server.models_dir / "iqa_adapter"
     ref_path = adapter_dir / REFERENCE_ADAPTER
     if not ref_path.exists():
-        from comfyui_iqa_adapter.adapter import checkpoint
-        widths = checkpoint.load_adapter(str(adapter_dir / TINY_ADAPTER)).info.layer_widths  # the tiny UNet's layers
-        state = synthetic.random_adapter_state_dict(768, list(widths), num_tokens=2, input_dim=50, seed=3)
+        widths = iqa_adapter.load_adapter(str(adapter_dir / TINY_ADAPTER)).info.layer_widths  # the tiny UNet's layers
+        state = random_weights.random_adapter_state_dict(768, list(widths), num_tokens=2, input_dim=50, seed=3)
         save_file(state, str(module_model_files.track(ref_path)))
         module_model_files.track(ref_path.with_suffix(".json")).write_text(json.dumps({
             "kind": "reference", "name": "tiny reference adapter (tests)",

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from comfyui_iqa_adapter.adapter import synthetic
+from comfyui_iqa_adapter.scripts import random_weights
 
 
 class RunsCode:
@@ -60,7 +60,7 @@ def _edited(edit: Callable[[dict], None]) -> Callable[[dict, str], bytes]:
 def _torch_file(edit: Callable[[dict], None]) -> Callable[[dict, str], bytes]:
     """A builder: the state dict in the authors' nested .bin layout, `edit` applied to it."""
     def build(state: dict, _marker: str) -> bytes:
-        nested = synthetic.nested_bin_layout(state)
+        nested = random_weights.nested_bin_layout(state)
         edit(nested)
         return torch_bytes(nested)
     return build
@@ -113,7 +113,7 @@ def _truncated(keep: Callable[[int], int]) -> Callable[[dict, str], bytes]:
 
 
 def _pickled_bin(state: dict, marker: str) -> bytes:
-    nested = synthetic.nested_bin_layout(state)
+    nested = random_weights.nested_bin_layout(state)
     nested["image_proj"]["hook"] = RunsCode(marker)
     return torch_bytes(nested)
 

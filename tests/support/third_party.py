@@ -90,14 +90,14 @@ def random_ip_adapter(cross_attention_dim: int, layer_widths: list[int], clip_di
     """A random base IP-Adapter (ImageProjModel, 4 tokens) in the released `.safetensors` layout:
     `image_proj.proj.*`, `image_proj.norm.*`, `ip_adapter.<2k+1>.to_{k,v}_ip.weight`.
     The key layout is the IQA-Adapter one (it follows IP-Adapter), so the pack's generator writes it."""
-    from comfyui_iqa_adapter.adapter import synthetic
+    from comfyui_iqa_adapter.scripts import random_weights
 
-    return synthetic.random_adapter_state_dict(cross_attention_dim, layer_widths, num_tokens=4, input_dim=clip_dim,
-                                               seed=seed)
+    return random_weights.random_adapter_state_dict(cross_attention_dim, layer_widths, num_tokens=4,
+                                                    input_dim=clip_dim, seed=seed)
 
 
 def nested(state_dict: dict[str, torch.Tensor]) -> dict:
     """What IPAdapter_plus's loader makes of a `.safetensors` file: {"image_proj": ..., "ip_adapter": ...}."""
-    from comfyui_iqa_adapter.adapter import synthetic
+    from comfyui_iqa_adapter.scripts import random_weights
 
-    return synthetic.nested_bin_layout(state_dict)
+    return random_weights.nested_bin_layout(state_dict)
