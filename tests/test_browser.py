@@ -227,6 +227,20 @@ HIDDEN_PARTS = """() => {
 }"""
 
 
+# Waits until the canvas view (scale, offset) stays put for 10 frames: fit-to-view may still be moving.
+VIEW_SETTLED = """async () => {
+    const ds = window.app.canvas.ds;
+    let last = '', same = 0;
+    for (let frame = 0; frame < 1200 && same < 10; frame++) {
+        await new Promise(r => requestAnimationFrame(r));
+        const now = [ds.scale, ds.offset[0], ds.offset[1]].join();
+        same = now === last ? same + 1 : 0;
+        last = now;
+    }
+    return same >= 10;
+}"""
+
+
 def _open_templates(page):
     """The sidebar's Templates entry opens the template browser dialog: this pack's category in it."""
     page.keyboard.press("Escape")
@@ -268,13 +282,16 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
     from PIL import Image
     assert tuple(shown) == Image.open(workflow_tools.thumbnail_path(path)).size, "the card shows our thumbnail"
     card.click()
+    # This template's graph, not the previous case's: SD1.5 and SDXL examples share node count and ids.
     page.wait_for_function(
-        """([count, ids]) => { const nodes = window.app.graph._nodes || window.app.graph.nodes;
-                               return nodes.length === count && ids.every(id => nodes.some(n => String(n.id) === id)); }""",
-        arg=[len(workflow["nodes"]), [str(n["id"]) for n in workflow["nodes"]]], timeout=60_000)
+        """(wanted) => { const nodes = window.app.graph._nodes || window.app.graph.nodes;
+                         return nodes.length === wanted.length && wanted.every(([id, type, x, y]) => nodes.some(n =>
+                             String(n.id) === id && n.type === type && Math.abs(n.pos[0] - x) < 1 && Math.abs(n.pos[1] - y) < 1)); }""",
+        arg=[[str(n["id"]), n["type"], *n["pos"]] for n in workflow["nodes"]], timeout=60_000)
     page.wait_for_timeout(1500)  # the missing-models dialog (base checkpoints the test host lacks)
     page.keyboard.press("Escape")
     _dismiss_error_overlay(page)  # since 1.48: "N errors found" for the files the test host lacks
+    assert page.evaluate(VIEW_SETTLED), f"{title}: the view kept moving (fit-to-view never settled)"
     page.screenshot(path=str(SHOTS / f"template_{title}.png"))
     assert not page.page_errors, page.page_errors
     _assert_whole_in_view(page, title)
