@@ -24,9 +24,9 @@ import torch
 
 from . import tensor_files, training_layout
 from .descriptor import sidecar_path
-from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
 from .errors import InputError, quote
 from .files import file_signature
+from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
 
 PICKLE_EXTENSIONS = {".bin", ".pt", ".pth", ".ckpt"}
 SAFETENSORS_EXTENSIONS = {".safetensors", ".sft"}
@@ -226,13 +226,13 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         stray = [i for i in found if i % 2 == 0]
         detail = []
         if stray:
-            detail.append(f"even (non cross-attention) index {['ip_adapter.%d' % i for i in stray]}")
+            detail.append(f"even (non cross-attention) index {[f'ip_adapter.{i}' for i in stray]}")
         if odd_missing:
-            detail.append(f"missing {['ip_adapter.%d.to_k_ip.weight' % i for i in odd_missing]}")
+            detail.append(f"missing {[f'ip_adapter.{i}.to_k_ip.weight' for i in odd_missing]}")
         raise AdapterFileError(path, "cross-attention layer keys must be exactly ip_adapter.1, 3, ..., 2L-1: "
                                      + "; ".join(detail))
     to_k, to_v, widths = [], [], []
-    for k, index in enumerate(expected):
+    for index in expected:
         pair = by_index[index]
         for name in ("to_k_ip", "to_v_ip"):
             if name not in pair:

@@ -92,7 +92,7 @@ class QualityProjection(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim, eps=1e-5)
 
     @classmethod
-    def from_weights(cls, image_proj: dict[str, torch.Tensor], info: AdapterInfo, source: str = "<weights>") -> "QualityProjection":
+    def from_weights(cls, image_proj: dict[str, torch.Tensor], info: AdapterInfo, source: str = "<weights>") -> QualityProjection:
         """Build from `image_proj.*` tensors (prefix stripped), loaded strictly; fp32, CPU, eval mode."""
         module = cls(info.input_dim, info.cross_attention_dim, info.num_tokens, info.projection_kind,
                      info.mlp_hidden_dim or 128)
@@ -145,7 +145,7 @@ class QualityTokens:
     def batch_size(self) -> int:
         return self.cond.shape[0]
 
-    def select(self, index: int) -> "QualityTokens":
+    def select(self, index: int) -> QualityTokens:
         return QualityTokens(self.cond[index:index + 1], self.uncond[index:index + 1], [self.labels[index]],
                              self.cross_attention_dim, self.num_tokens)
 
@@ -158,7 +158,7 @@ class QualityTokens:
                    "uncond": self.uncond.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, host_batch_cap: int = 4096) -> "QualityTokens":
+    def load(cls, path: str | os.PathLike, host_batch_cap: int = 4096) -> QualityTokens:
         """Read a tokens file; shapes and metadata are checked from the header before any tensor is read."""
         path = pathlib.Path(path)
         if not path.is_file() or path.stat().st_size == 0:

@@ -15,9 +15,9 @@ import io as _io
 import math
 import pathlib
 import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -335,8 +335,8 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
     """
     import matplotlib
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     metrics = list(scores)
     if not metrics:

@@ -18,8 +18,8 @@ import pathlib
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

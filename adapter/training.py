@@ -51,7 +51,7 @@ class BaseModel(Protocol):
     def encode_text(self, captions: list[str], micro: list[tuple]) -> tuple[torch.Tensor, dict]: ...  # context, extra conds;
     # micro[i] = (original (h, w), crop (top, left), resolution)
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, extra: dict,
-                adapter: "TrainableAdapter", tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor: ...
+                adapter: TrainableAdapter, tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------- the trainable module
@@ -82,7 +82,7 @@ class TrainableAdapter(nn.Module):
         self.layer_widths = list(layer_widths)
         self._base = None
 
-    def attach(self, base: BaseModel) -> "TrainableAdapter":
+    def attach(self, base: BaseModel) -> TrainableAdapter:
         object.__setattr__(self, "_base", base)  # not a submodule
         return self
 

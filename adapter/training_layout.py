@@ -15,6 +15,7 @@ k = cross-attention layer position in diffusers `attn_processors` order (adapter
 """
 from __future__ import annotations
 
+import pathlib
 import re
 
 import torch
@@ -144,9 +145,8 @@ def to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 ACCELERATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's save_state names, model 0
 
 
-def training_output_file(path) -> "pathlib.Path":
+def training_output_file(path) -> pathlib.Path:
     """A weights file, or an `accelerate` checkpoint folder (its first model's file)."""
-    import pathlib
 
     path = pathlib.Path(path)
     if path.is_dir():

@@ -28,9 +28,10 @@ ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
 def child(with_adapter: bool, size: int, steps: int) -> None:
     started = time.perf_counter()
     common.import_host_comfy()
-    import torch
     import comfy.sample
     import comfy.sd
+    import torch
+
     from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 

@@ -30,6 +30,7 @@ import_host(HOST, cpu=True)
 def measure(quick: bool):
     import comfy.sample
     import comfy.sd
+
     from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 

@@ -31,13 +31,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.repeats = 8, 3
 
-    import torch
     import pyiqa
+    import torch
 
     comfy_server.import_host(cpu=True)
     from comfyui_iqa_adapter.adapter import iqa_models
-    from comfyui_iqa_adapter.scripts import random_weights
     from comfyui_iqa_adapter.nodes import metric_nodes
+    from comfyui_iqa_adapter.scripts import random_weights
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     folder = tempfile.mkdtemp(prefix="bench_iqa_")

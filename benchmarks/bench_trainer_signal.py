@@ -34,9 +34,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from comfyui_iqa_adapter.tests.support import trainer_signal
-
     from comfyui_iqa_adapter.nodes.train_host import HostBase
+    from comfyui_iqa_adapter.tests.support import trainer_signal
 
     base = HostBase.from_checkpoint(str(REPO / ".host" / "ComfyUI" / "models" / "checkpoints" / "tiny_sd15.safetensors"))
     results = []

@@ -13,7 +13,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from comfyui_iqa_adapter.scripts import comfy_server
 from comfyui_iqa_adapter.scripts.comfy_server import host_dir  # noqa: F401  (the selected host, for bench scripts)

@@ -10,8 +10,8 @@ from comfy_api.latest import io
 
 from ..adapter import errors, iqa_models, projection
 from ..adapter import reference as reference_encoding
-from ..adapter.iqa_adapter import IQAAdapter
 from ..adapter.errors import InputError
+from ..adapter.iqa_adapter import IQAAdapter
 from . import presentation, types
 from .inputs import image_to_bchw
 from .limits import host_batch_cap

@@ -10,12 +10,11 @@ import json
 import math
 import os
 
-import numpy as np
-import torch
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import numpy as np
+import torch
 from comfy_api.latest import io
 
 from ..adapter import errors, files, iqa_models, projection, quality, sweep

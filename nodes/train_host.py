@@ -38,7 +38,7 @@ class HostBase:
     """A frozen base model for adapter/training.py, from the host's (model patcher, CLIP, VAE)."""
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_path: str, device: str | torch.device = "cpu") -> "HostBase":
+    def from_checkpoint(cls, checkpoint_path: str, device: str | torch.device = "cpu") -> HostBase:
         import comfy.sd
 
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint_path), output_vae=True,

@@ -149,7 +149,7 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
+    def start(self, timeout: float = 180.0) -> ComfyServer:
         if not (self.comfy_dir / "main.py").exists():
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}: run `bash scripts/setup.sh` first")
         for d in (self.output_dir, self.input_dir, self.temp_dir, self.user_dir):

@@ -15,7 +15,6 @@ import pathlib
 import sys
 
 
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="checkpoint folder or weights file")

@@ -46,8 +46,7 @@ import time
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 from comfyui_iqa_adapter.adapter import sweep_jobs  # noqa: E402
-from comfyui_iqa_adapter.adapter.sweep_jobs import (  # noqa: E402,F401  (find_prompt_node: used by the tests)
-    SweepError, find_nodes, find_prompt_node)
+from comfyui_iqa_adapter.adapter.sweep_jobs import SweepError, find_nodes, find_prompt_node  # noqa: E402,F401  (find_prompt_node: used by the tests)
 
 
 def parse_targets(text: str) -> list[float]:

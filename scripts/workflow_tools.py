@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     object_info, server = _object_info(args.url)
     try:
         failures = 0
-        for name, path in examples().items():
+        for path in examples().values():
             ui = json.loads(path.read_text())
             errors = validate_ui(ui, object_info) + layout_problems(ui)
             for error in errors:
