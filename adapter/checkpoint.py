@@ -183,7 +183,8 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         missing = sorted(set(expected_any) - keys)
         extra = sorted(keys - set(expected_any))
         raise AdapterFileError(path, f"image_proj keys do not match a linear or mlp projection: "
-                                     f"missing {['image_proj.' + k for k in missing]}, extra {['image_proj.' + k for k in extra]}")
+                                     f"missing {['image_proj.' + k for k in missing]}, "
+                                     f"extra {['image_proj.' + k for k in extra]}")
     norm_w, norm_b = proj["norm.weight"], proj["norm.bias"]
     if norm_w.dim() != 1 or norm_b.shape != norm_w.shape:
         raise AdapterFileError(path, f"key 'image_proj.norm.weight'/'bias': expected two vectors of length C, "
@@ -192,7 +193,8 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     w_first, w_last = proj[first], proj[last]
     for name in (first, last):
         if proj[name].dim() != 2:
-            raise AdapterFileError(path, f"key 'image_proj.{name}': expected a matrix, got shape {list(proj[name].shape)}")
+            raise AdapterFileError(
+                path, f"key 'image_proj.{name}': expected a matrix, got shape {list(proj[name].shape)}")
     out_features = w_last.shape[0]
     if out_features % c != 0:
         raise AdapterFileError(path, f"key 'image_proj.{last}': {out_features} output features is not a multiple of "
@@ -209,14 +211,16 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         bias_checks = [("proj.0.bias", hidden), ("proj.2.bias", out_features)]
     for name, length in bias_checks:
         if list(proj[name].shape) != [length]:
-            raise AdapterFileError(path, f"key 'image_proj.{name}': expected shape [{length}], got {list(proj[name].shape)}")
+            raise AdapterFileError(
+                path, f"key 'image_proj.{name}': expected shape [{length}], got {list(proj[name].shape)}")
 
     # Cross-attention layers: exactly keys 1, 3, ..., 2L-1, each with to_k_ip and to_v_ip.
     by_index: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in layers.items():
         match = LAYER_KEY.match(key)
         if not match:
-            raise AdapterFileError(path, f"unexpected key 'ip_adapter.{key}' (expected ip_adapter.<odd index>.to_k_ip.weight / to_v_ip.weight)")
+            raise AdapterFileError(path, f"unexpected key 'ip_adapter.{key}' "
+                                         "(expected ip_adapter.<odd index>.to_k_ip.weight / to_v_ip.weight)")
         by_index.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
     num_layers = len(by_index)
     expected = [2 * k + 1 for k in range(num_layers)]
@@ -239,10 +243,11 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
                 raise AdapterFileError(path, f"missing key 'ip_adapter.{index}.{name}.weight'")
         wk, wv = pair["to_k_ip"], pair["to_v_ip"]
         if wk.dim() != 2 or wk.shape[1] != c:
-            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_k_ip.weight': expected shape (hidden, C={c}), got {list(wk.shape)}")
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_k_ip.weight': expected shape (hidden, C={c}), "
+                                         f"got {list(wk.shape)}")
         if wv.shape != wk.shape:
-            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_v_ip.weight': shape {list(wv.shape)} differs from "
-                                         f"to_k_ip {list(wk.shape)}")
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_v_ip.weight': shape {list(wv.shape)} "
+                                         f"differs from to_k_ip {list(wk.shape)}")
         widths.append(int(wk.shape[0]))
         to_k.append(wk)
         to_v.append(wv)

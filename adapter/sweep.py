@@ -70,7 +70,9 @@ def check_sweep_inputs(metrics_text: str | None = None, start: float | None = No
         quality.check_negative_scale(negative_scale)
 
 
-def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile") -> list[float]:
+def sweep_values(
+    start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile"
+) -> list[float]:
     """The swept target values, from `start` to `stop` (either order), `steps` of them (see SPACINGS)."""
     check_sweep_inputs(start=start, stop=stop, steps=steps, mode=mode, spacing=spacing)
     start, stop, steps = float(start), float(stop), int(steps)

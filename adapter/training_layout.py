@@ -107,7 +107,8 @@ def authors_to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         elif key.startswith(AUTHORS_LAYERS):
             match = _AUTHORS_LAYER_KEY.match(key)
             if not match:
-                raise ValueError(f"unexpected key {key!r} (expected adapter_modules.<i>.to_k_ip.weight / to_v_ip.weight)")
+                raise ValueError(f"unexpected key {key!r} "
+                                 "(expected adapter_modules.<i>.to_k_ip.weight / to_v_ip.weight)")
             out[f"{RELEASED_LAYERS}{int(match.group(1))}.{match.group(2)}.weight"] = tensor
         elif not key.startswith(AUTHORS_UNET):
             raise ValueError(f"unexpected key {key!r} in a training state (expected unet.*, qual_proj_model.*, "

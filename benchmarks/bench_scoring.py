@@ -73,8 +73,9 @@ def main(argv=None) -> int:
             fn()
             times[name].append(time.perf_counter() - start)
     baseline_s, variant_s = statistics.median(times["baseline"]), statistics.median(times["variant"])
-    print(json.dumps({"name": f"iqa_score_{args.metric}_{args.images}x{args.size}", "ratio": round(variant_s / baseline_s, 4),
-                      "baseline_s": round(baseline_s, 4), "variant_s": round(variant_s, 4), "repeats": args.repeats}))
+    print(json.dumps({"name": f"iqa_score_{args.metric}_{args.images}x{args.size}",
+                      "ratio": round(variant_s / baseline_s, 4), "baseline_s": round(baseline_s, 4),
+                      "variant_s": round(variant_s, 4), "repeats": args.repeats}))
     return 0
 
 

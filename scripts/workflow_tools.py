@@ -107,7 +107,7 @@ def _links_by_id(ui: dict) -> dict[int, list]:
     links = {}
     for link in ui.get("links", []):
         if isinstance(link, dict):  # newer serialisation
-            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], link["type"]]
+            link = [link[key] for key in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
         links[int(link[0])] = link
     return links
 
