@@ -1,6 +1,6 @@
 """Gradient-based quality guidance: steer sampling with a differentiable IQA model (the paper's first method).
 
-The paper's equation could not be read (reference README section 2.2, open questions A.1-A.4); this is our
+The paper's equation could not be read (docs/METHOD.md §2.2, §Q1-§Q4); this is our
 reading, the standard one-step estimate + decode + differentiate scheme:
 
     x̂0 = clamp((Dec(D / s_vae) + 1) / 2, 0, 1)      D = the sampler's (CFG-combined) denoised estimate
@@ -19,7 +19,7 @@ Pack additions (not the paper's, labelled as such in the node):
     silent fallback.
   * normalization 'rms': D' = D + s · σ · g / rms(g) per sample, a step of fixed size in σ units.
   * max_resolution: the decoded image is resized (bilinear, antialiased, differentiable) so that its longer
-    side is at most this many pixels before scoring (open question A.4).
+    side is at most this many pixels before scoring (docs/METHOD.md §Q4).
 
 Everything here is plain torch: the caller supplies `decode` (latent in the sampler's space -> image (B, 3, H,
 W) in [0, 1], differentiable) and `score` (images -> (B,) scores, differentiable).

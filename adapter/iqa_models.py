@@ -35,7 +35,7 @@ def resolve_device(device: str) -> torch.device:
 # Scoring size: how a measured score is made comparable with the CC3M statistics
 # ----------------------------------------------------------------------------------------------------
 
-# 'cc3m': the image squashed to 512x512 as the authors made the CC3M statistics (reference README 1.8/8:
+# 'cc3m': the image squashed to 512x512 as the authors made the CC3M statistics (docs/METHOD.md §3.3:
 # torchvision `Resize((512, 512))` after `ToTensor`: bilinear with antialiasing, aspect ratio not kept, no
 # crop; then clamped to [0, 1]); percentiles and z-scores of such a score mean what the paper's mean.
 # 'native': the image as it is (the number pyiqa gives on the tensor you have).

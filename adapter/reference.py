@@ -1,7 +1,7 @@
 """Reference-based IQA-Adapter input: an IQA model's internal activations on a reference image.
 
 The paper's v2 variant feeds "a flat vector of an IQA model's activations" to the same projection
-(reference README 1.9); which model, layers and pooling is not published (open-questions.md item 16).
+(docs/METHOD.md §1.9); which model, layers and pooling is not published (docs/METHOD.md §Q16).
 So the adapter's descriptor names them: extractor = {"model": pyiqa id, "layers": [module names of the
 architecture, in order], "pooling": "avg" | "avg_l2", "dim": D_in}. Each hooked layer's output is
 globally average-pooled (spatial axes of (B, C, H, W), token axis of (B, T, C)) and flattened; "avg_l2"

@@ -7,7 +7,7 @@ target per metric, with the ideal monotone line and Spearman's rho), a CSV table
 
 A sweep conditions every image of one batch on its own target (row i of the tokens <-> latent i), so a
 single sampler run renders the whole sweep. The paper uses low targets as a degradation model and
-reports that scores follow the target monotonically (reference README 3.3): rho is the check.
+reports that scores follow the target monotonically (docs/METHOD.md §6.3): rho is the check.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .projection import QualityTokens, check_row_count
 # linear: evenly spaced values (the default: 8 targets from 1 to 99); quantile-knots: the CC3M quantile
 # levels inside [from, to] (exact statistics, percentile mode only; 'steps' ignored); normal: evenly spaced
 # in z = Phi^-1(p/100), i.e. denser towards the tails where percentiles move the raw score most (percentile
-# mode; else linear); paper: the paper's five targets, CC3M percentiles 1/25/50/75/99 (reference README 3.3;
+# mode; else linear); paper: the paper's five targets, CC3M percentiles 1/25/50/75/99 (docs/METHOD.md §6.1;
 # percentile mode; from/to/steps ignored).
 SPACINGS = ("linear", "quantile-knots", "normal", "paper")
 PAPER_PERCENTILES = (1.0, 25.0, 50.0, 75.0, 99.0)

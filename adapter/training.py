@@ -1,7 +1,7 @@
 """IQA-Adapter training, host-free: the trainable module, quality vectors, condition dropout, noise,
 loss, the deterministic data order, and checkpoints with exact resume.
 
-Facts followed (reference README §1.3, §8): only the projection and every to_k_ip/to_v_ip train, each
+Facts followed (docs/METHOD.md §1.3, §5): only the projection and every to_k_ip/to_v_ip train, each
 to_k_ip/to_v_ip starting as a copy of its layer's to_k/to_v; the base stays frozen; one uniform draw u
 per sample drops conditions (u < 0.01: quality vector zeroed after flag/encoding; 0.01 <= u < 0.06:
 caption emptied; 0.06 <= u < 0.07: both); t uniform in [0, T); MSE on the base's own prediction type

@@ -7,10 +7,10 @@ Host-free: images are PIL/torch; metrics come from adapter/iqa_models.py (the pa
   WebDataset key (member path up to the first '.' of the file name). Labels and captions use the key.
 - Captions: `<stem>.txt` beside a folder image, the `txt` member of a tar sample, or a CSV/JSONL file
   with columns `image` (key or file name) and `text` (or `caption`); none means the empty caption.
-- Preprocessing as the authors' trainer (reference README §8): shorter side resized to the resolution
+- Preprocessing as the authors' trainer (docs/METHOD.md §5.2): shorter side resized to the resolution
   (bilinear), pixels to [-1, 1], centre crop; the original size and crop offsets go to SDXL's
   micro-conditioning.
-- Labels as the CC3M statistics were made (§1.3, §8): the whole image in [0, 1], squashed to 512x512
+- Labels as the CC3M statistics were made (docs/METHOD.md §3.3, §5.2): the whole image in [0, 1], squashed to 512x512
   with bilinear resizing (no crop), clamped to [0, 1], pyiqa's default (non-loss) model.
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ k = cross-attention layer position in diffusers `attn_processors` order (adapter
 - The pack's trainer (adapter/training.py) builds its trainable module from these names: attribute
   `image_proj` and a ModuleDict `ip_adapter` keyed by the released index, so its state dict *is* the
   released layout (plus wrapper prefixes such as DDP's `module.`).
-- The authors' trainer saves `accelerator.save_state` of its whole training module (reference README
-  §1.6): `qual_proj_model.<name>` (= `image_proj.<name>`), `adapter_modules.<i>.to_{k,v}_ip.weight`
+- The authors' trainer saves `accelerator.save_state` of its whole training module (docs/METHOD.md
+  §5.4): `qual_proj_model.<name>` (= `image_proj.<name>`), `adapter_modules.<i>.to_{k,v}_ip.weight`
   (a ModuleList of *all* attention processors in `unet.attn_processors` order, so attn1 processors,
   which have no weights, take the even positions and `<i>` is already the released odd index) and the
   whole `unet.*`, where the same adapter weights appear a second time as

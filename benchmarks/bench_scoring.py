@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
 
 def _no_weights_kwargs(name: str) -> dict:
-    """pyiqa build options that skip its own downloads (reference README section 6)."""
+    """pyiqa build options that skip its own downloads (docs/METHOD.md §3.4)."""
     if name == "cnniqa":
         return {"pretrained": None}
     if name.startswith("topiq"):

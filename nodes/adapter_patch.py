@@ -3,7 +3,7 @@
 One attn2 replace patch per cross-attention layer, keyed `(block_name, block_id, transformer_index)` as
 the host's BasicTransformerBlock looks them up. The host hands the patch q = to_q(n), k = to_k(context),
 v = to_v(context) and applies to_out to what the patch returns, so the patch returns
-`A_text + weight * A_quality` (reference README §1.5).
+`A_text + weight * A_quality` (docs/METHOD.md §1.5).
 
 Design decisions:
 - The quality tokens' keys/values are computed once per apply (fp32, CPU) and cached per

@@ -142,7 +142,7 @@ def test_every_cross_attention_layer_is_patched_full_depth(comfy, config_class, 
     adapter = random_adapter(model)
     assert adapter.info.num_layers == expected
     keys, _widths, _ = adapter_patch.unet_cross_attention_layers(model)
-    if config_class == "SDXL":  # reference README §1.6 table: k 0-3 input 4/5, 24 output 0, 60-69 middle 0
+    if config_class == "SDXL":  # docs/METHOD.md §1.6: k 0-3 input 4/5, 24 output 0, 60-69 middle 0
         assert keys[:4] == [("input", 4, 0), ("input", 4, 1), ("input", 5, 0), ("input", 5, 1)]
         assert keys[24] == ("output", 0, 0) and keys[60:] == [("middle", 0, j) for j in range(10)]
     else:

@@ -35,7 +35,7 @@ def test_spacings():
         sweep.sweep_values(1, 99, 4, "cubic")
     with pytest.raises(ValueError, match="percentile"):
         sweep.sweep_values(-1, 1, 4, "quantile-knots", mode="zscore")
-    # the paper's five targets (reference README 3.3), whatever from/to/steps say
+    # the paper's five targets (docs/METHOD.md §6.1), whatever from/to/steps say
     assert sweep.sweep_values(10, 20, 3, "paper") == [1, 25, 50, 75, 99]
     with pytest.raises(ValueError, match="percentile"):
         sweep.sweep_values(-1, 1, 4, "paper", mode="zscore")
@@ -46,7 +46,7 @@ def test_sweep_rows_hold_and_raw():
     assert t.swept_metrics == ["laion_aes"]
     assert [r["topiq_nr"] for r in t.rows] == [50.0, 50.0, 50.0]
     assert [r["laion_aes"] for r in t.rows] == [1.0, 50.0, 99.0]
-    # percentile knots are exact CC3M values (reference README section 7)
+    # percentile knots are exact CC3M values (docs/METHOD.md §4)
     assert t.raw[0]["laion_aes"] == pytest.approx(3.372, abs=1e-3) and t.raw[2]["laion_aes"] == pytest.approx(5.925, abs=1e-3)
     same = sweep.build_sweep(["topiq_nr", "laion_aes"], "laion_aes", 1, 99, 2, hold="same")
     assert same.rows == [{"topiq_nr": 1.0, "laion_aes": 1.0}, {"topiq_nr": 99.0, "laion_aes": 99.0}]
