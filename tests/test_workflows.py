@@ -77,8 +77,11 @@ def test_templates_people_can_run():
                 assert model["name"] == node["widgets_values"][0] and model["directory"] == "checkpoints"
                 assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
                 assert model in ui["models"]
+        if name == "sd15_quality_target":  # no SD1.5 adapter is released: the note says how to train one
+            assert "trained" in note and "github.com/X1716/IQA-Adapter" not in note, f"{name}: where adapters come from"
+        elif name != "score_images":
+            assert "github.com/X1716/IQA-Adapter" in note, f"{name}: where adapters come from"
         if name != "score_images":
-            assert "github.com/X1716/IQA-Adapter" in note or "trained" in note, f"{name}: where adapters come from"
             assert "models/iqa_adapter" in note
         # every node and group lies inside the stored default view of a 1366x768 window
         scale, (off_x, off_y) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
