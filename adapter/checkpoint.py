@@ -13,6 +13,7 @@ is checkpoint key 2k+1. Everything here is pure: caching is the caller's busines
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tensor_files, training_layout
-from .descriptor import sidecar_path
+from .descriptor import check_input_dim, descriptor_from_dict, sidecar_path
 from .errors import InputError, quote
 from .files import file_signature
 from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
@@ -269,3 +270,24 @@ def load_adapter_weights(path: str | os.PathLike) -> AdapterWeights:
     except ValueError as error:
         raise AdapterFileError(path, str(error)) from None
     return split_state_dict(state, path)
+
+
+# ---------------------------------------------------------------- training output -> released file
+
+def convert_training_output(source, target, descriptor: dict) -> dict[str, torch.Tensor]:
+    """Read a training output (the authors' accelerate state, the pack trainer's checkpoint, or a released
+    file), write `target` (.safetensors, released layout, tensors as stored) and its sidecar descriptor.
+    The result is validated by the loader's own strict checks before anything is written."""
+    from safetensors.torch import save_file
+
+    source_file = training_layout.training_output_file(source)
+    released = {k: v.contiguous() for k, v in training_layout.to_released(read_adapter_file(source_file)).items()}
+    weights = split_state_dict(released, source_file)
+    target = pathlib.Path(target)
+    check_input_dim(descriptor_from_dict(descriptor, source="descriptor"), weights.info.input_dim, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(released, str(tmp), metadata={"format": "iqa_adapter", "converted_from": source_file.name})
+    os.replace(tmp, target)
+    target.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
+    return released

@@ -156,29 +156,3 @@ def training_output_file(path) -> pathlib.Path:
                 return path / name
         raise ValueError(f"{path}: no {', '.join(ACCELERATE_MODEL_FILES)} or adapter.safetensors in this folder")
     return path
-
-
-def convert_training_output(source, target, descriptor: dict) -> dict[str, torch.Tensor]:
-    """Read a training output (the authors' accelerate state, the pack trainer's checkpoint, or a released
-    file), write `target` (.safetensors, released layout, tensors as stored) and its sidecar descriptor.
-    The result is validated by the loader's own strict checks before anything is written."""
-    import json
-    import os
-    import pathlib
-
-    from safetensors.torch import save_file
-
-    from .checkpoint import read_adapter_file, split_state_dict
-    from .descriptor import check_input_dim, descriptor_from_dict
-
-    source_file = training_output_file(source)
-    released = {k: v.contiguous() for k, v in to_released(read_adapter_file(source_file)).items()}
-    weights = split_state_dict(released, source_file)
-    target = pathlib.Path(target)
-    check_input_dim(descriptor_from_dict(descriptor, source="descriptor"), weights.info.input_dim, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(released, str(tmp), metadata={"format": "iqa_adapter", "converted_from": source_file.name})
-    os.replace(tmp, target)
-    target.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
-    return released

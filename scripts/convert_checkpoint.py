@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--flag", action="store_true", help="trained with --use_flag 1")
     p.add_argument("--pos-encode-L", type=int, default=0, help="trained with --pos_encode 1: its --pos_encode_L")
     args = p.parse_args(argv)
-    from comfyui_iqa_adapter.adapter import training_layout
+    from comfyui_iqa_adapter.adapter import checkpoint
 
     if args.descriptor:
         descriptor = json.loads(pathlib.Path(args.descriptor).read_text())
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     else:
         p.error("give --metrics (and --flag / --pos-encode-L as trained) or --descriptor")
     try:
-        released = training_layout.convert_training_output(args.source, args.target, descriptor)
+        released = checkpoint.convert_training_output(args.source, args.target, descriptor)
     except ValueError as error:
         print(f"convert: {error}", file=sys.stderr)
         return 2

@@ -113,7 +113,7 @@ def test_authors_state_patches_like_the_released_file(sdxl_case, tmp_path, varia
     descriptor = Descriptor(metrics=("topiq_nr", "laion_aes"), source="test")
 
     converted = tmp_path / "converted.safetensors"
-    training_layout.convert_training_output(folder, converted, DESCRIPTOR)
+    checkpoint.convert_training_output(folder, converted, DESCRIPTOR)
     direct = iqa_adapter.load_adapter(training_layout.training_output_file(folder), descriptor=descriptor)
     for adapter in (iqa_adapter.load_adapter(converted), direct):
         reference = iqa_adapter.load_adapter(released_path, descriptor=descriptor)
