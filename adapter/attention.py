@@ -18,7 +18,9 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, t, heads, width // heads).transpose(1, 2)  # (B, heads, T, d)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, Tq, heads*d), (B, Tk, heads*d) x2 -> (B, Tq, heads*d); SDPA with its default 1/sqrt(d) scale."""
     b, tq, width = q.shape
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),

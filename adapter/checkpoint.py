@@ -13,6 +13,7 @@ is checkpoint key 2k+1. Everything here is pure: caching is the caller's busines
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pathlib
@@ -23,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from . import tensor_files, training_layout
-from .descriptor import sidecar_path
-from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
+from .descriptor import check_input_dim, descriptor_from_dict, sidecar_path
 from .errors import InputError, quote
 from .files import file_signature
+from .layers import SD15_LAYER_WIDTHS, SDXL_LAYER_WIDTHS
 
 PICKLE_EXTENSIONS = {".bin", ".pt", ".pth", ".ckpt"}
 SAFETENSORS_EXTENSIONS = {".safetensors", ".sft"}
@@ -183,7 +184,8 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         missing = sorted(set(expected_any) - keys)
         extra = sorted(keys - set(expected_any))
         raise AdapterFileError(path, f"image_proj keys do not match a linear or mlp projection: "
-                                     f"missing {['image_proj.' + k for k in missing]}, extra {['image_proj.' + k for k in extra]}")
+                                     f"missing {['image_proj.' + k for k in missing]}, "
+                                     f"extra {['image_proj.' + k for k in extra]}")
     norm_w, norm_b = proj["norm.weight"], proj["norm.bias"]
     if norm_w.dim() != 1 or norm_b.shape != norm_w.shape:
         raise AdapterFileError(path, f"key 'image_proj.norm.weight'/'bias': expected two vectors of length C, "
@@ -192,7 +194,8 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     w_first, w_last = proj[first], proj[last]
     for name in (first, last):
         if proj[name].dim() != 2:
-            raise AdapterFileError(path, f"key 'image_proj.{name}': expected a matrix, got shape {list(proj[name].shape)}")
+            raise AdapterFileError(
+                path, f"key 'image_proj.{name}': expected a matrix, got shape {list(proj[name].shape)}")
     out_features = w_last.shape[0]
     if out_features % c != 0:
         raise AdapterFileError(path, f"key 'image_proj.{last}': {out_features} output features is not a multiple of "
@@ -209,14 +212,16 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         bias_checks = [("proj.0.bias", hidden), ("proj.2.bias", out_features)]
     for name, length in bias_checks:
         if list(proj[name].shape) != [length]:
-            raise AdapterFileError(path, f"key 'image_proj.{name}': expected shape [{length}], got {list(proj[name].shape)}")
+            raise AdapterFileError(
+                path, f"key 'image_proj.{name}': expected shape [{length}], got {list(proj[name].shape)}")
 
     # Cross-attention layers: exactly keys 1, 3, ..., 2L-1, each with to_k_ip and to_v_ip.
     by_index: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in layers.items():
         match = LAYER_KEY.match(key)
         if not match:
-            raise AdapterFileError(path, f"unexpected key 'ip_adapter.{key}' (expected ip_adapter.<odd index>.to_k_ip.weight / to_v_ip.weight)")
+            raise AdapterFileError(path, f"unexpected key 'ip_adapter.{key}' "
+                                         "(expected ip_adapter.<odd index>.to_k_ip.weight / to_v_ip.weight)")
         by_index.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
     num_layers = len(by_index)
     expected = [2 * k + 1 for k in range(num_layers)]
@@ -226,23 +231,24 @@ def split_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         stray = [i for i in found if i % 2 == 0]
         detail = []
         if stray:
-            detail.append(f"even (non cross-attention) index {['ip_adapter.%d' % i for i in stray]}")
+            detail.append(f"even (non cross-attention) index {[f'ip_adapter.{i}' for i in stray]}")
         if odd_missing:
-            detail.append(f"missing {['ip_adapter.%d.to_k_ip.weight' % i for i in odd_missing]}")
+            detail.append(f"missing {[f'ip_adapter.{i}.to_k_ip.weight' for i in odd_missing]}")
         raise AdapterFileError(path, "cross-attention layer keys must be exactly ip_adapter.1, 3, ..., 2L-1: "
                                      + "; ".join(detail))
     to_k, to_v, widths = [], [], []
-    for k, index in enumerate(expected):
+    for index in expected:
         pair = by_index[index]
         for name in ("to_k_ip", "to_v_ip"):
             if name not in pair:
                 raise AdapterFileError(path, f"missing key 'ip_adapter.{index}.{name}.weight'")
         wk, wv = pair["to_k_ip"], pair["to_v_ip"]
         if wk.dim() != 2 or wk.shape[1] != c:
-            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_k_ip.weight': expected shape (hidden, C={c}), got {list(wk.shape)}")
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_k_ip.weight': expected shape (hidden, C={c}), "
+                                         f"got {list(wk.shape)}")
         if wv.shape != wk.shape:
-            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_v_ip.weight': shape {list(wv.shape)} differs from "
-                                         f"to_k_ip {list(wk.shape)}")
+            raise AdapterFileError(path, f"key 'ip_adapter.{index}.to_v_ip.weight': shape {list(wv.shape)} "
+                                         f"differs from to_k_ip {list(wk.shape)}")
         widths.append(int(wk.shape[0]))
         to_k.append(wk)
         to_v.append(wv)
@@ -264,3 +270,24 @@ def load_adapter_weights(path: str | os.PathLike) -> AdapterWeights:
     except ValueError as error:
         raise AdapterFileError(path, str(error)) from None
     return split_state_dict(state, path)
+
+
+# ---------------------------------------------------------------- training output -> released file
+
+def convert_training_output(source, target, descriptor: dict) -> dict[str, torch.Tensor]:
+    """Read a training output (the authors' accelerate state, the pack trainer's checkpoint, or a released
+    file), write `target` (.safetensors, released layout, tensors as stored) and its sidecar descriptor.
+    The result is validated by the loader's own strict checks before anything is written."""
+    from safetensors.torch import save_file
+
+    source_file = training_layout.training_output_file(source)
+    released = {k: v.contiguous() for k, v in training_layout.to_released(read_adapter_file(source_file)).items()}
+    weights = split_state_dict(released, source_file)
+    target = pathlib.Path(target)
+    check_input_dim(descriptor_from_dict(descriptor, source="descriptor"), weights.info.input_dim, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(released, str(tmp), metadata={"format": "iqa_adapter", "converted_from": source_file.name})
+    os.replace(tmp, target)
+    target.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
+    return released

@@ -142,7 +142,7 @@ def build_clip_from_file(module, clip_name: str, path: str, metric: str) -> torc
     mismatch = official_shape_mismatch(module, clip_name, state)
     if mismatch:
         warnings.warn(f"IQA metric '{metric}': '{path}' is not the official CLIP {clip_name} "
-                      f"({mismatch}); its scores will not match the published metric.")
+                      f"({mismatch}); its scores will not match the published metric.", stacklevel=2)
     try:
         return module.build_model(state)
     except (KeyError, RuntimeError, AssertionError, IndexError) as error:

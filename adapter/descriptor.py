@@ -103,7 +103,8 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
         raise DescriptorError(source, f"'use_flag' must be true or false, got {quote(use_flag)}")
     pos_encode_L = data.get("pos_encode_L", 0)
     if not isinstance(pos_encode_L, int) or isinstance(pos_encode_L, bool) or not 0 <= pos_encode_L <= 32:
-        raise DescriptorError(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), got {quote(pos_encode_L)}")
+        raise DescriptorError(source, f"'pos_encode_L' must be an integer in 0..32 (0 = no positional encoding), "
+                                      f"got {quote(pos_encode_L)}")
 
     metric_stats_raw = data.get("metric_stats", {}) or {}
     if not isinstance(metric_stats_raw, dict):
@@ -111,10 +112,12 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
     metric_stats: dict[str, dict[str, float]] = {}
     for metric, entry in metric_stats_raw.items():
         if not isinstance(entry, dict) or set(entry) != {"mean", "std"}:
-            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}] must be {{\"mean\": number, \"std\": number}}, got {quote(entry)}")
+            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}] must be "
+                                          f"{{\"mean\": number, \"std\": number}}, got {quote(entry)}")
         mean, std = entry["mean"], entry["std"]
         if not all(_finite_number(v) for v in (mean, std)):
-            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}]: mean and std must be finite numbers, got {quote(entry)}")
+            raise DescriptorError(source, f"'metric_stats'[{quote(metric)}]: mean and std must be finite numbers, "
+                                          f"got {quote(entry)}")
         if std <= 0:
             raise DescriptorError(source, f"'metric_stats'[{quote(metric)}]: std must be > 0, got {std}")
         metric_stats[metric] = {"mean": float(mean), "std": float(std)}
@@ -123,7 +126,8 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
     extractor = data.get("extractor")
     if kind == "score":
         if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-            raise DescriptorError(source, f"'metrics' must be a non-empty list of pyiqa metric ids, got {quote(metrics)}. Example: {SIDECAR_EXAMPLE}")
+            raise DescriptorError(source, f"'metrics' must be a non-empty list of pyiqa metric ids, "
+                                          f"got {quote(metrics)}. Example: {SIDECAR_EXAMPLE}")
         if len(set(metrics)) != len(metrics):
             raise DescriptorError(source, f"'metrics' lists a metric twice: {quote(metrics)}")
         known = set(cc3m.known_metrics())
@@ -132,24 +136,29 @@ def descriptor_from_dict(data: dict, source: str = "descriptor") -> Descriptor:
                 continue
             if normalization == "none" and metric in CLIP_ANTONYM_FEATURES:
                 continue
-            raise DescriptorError(source, f"unknown metric {quote(metric)}: it has no CC3M statistics. Known: {', '.join(sorted(known))}. "
-                                  "For another metric give its mean/std in 'metric_stats'.")
+            raise DescriptorError(source, f"unknown metric {quote(metric)}: it has no CC3M statistics. "
+                                          f"Known: {', '.join(sorted(known))}. "
+                                          "For another metric give its mean/std in 'metric_stats'.")
         if extractor is not None:
             raise DescriptorError(source, "'extractor' is only for kind 'reference'")
     else:
         if metrics:
             raise DescriptorError(source, "'metrics' must be empty for kind 'reference' (the input is IQA activations)")
         if not isinstance(extractor, dict):
-            raise DescriptorError(source, "kind 'reference' needs 'extractor': {\"model\": pyiqa id, \"layers\": [...], "
-                                  "\"pooling\": \"avg\", \"dim\": activation vector length}")
+            raise DescriptorError(source, "kind 'reference' needs 'extractor': "
+                                          "{\"model\": pyiqa id, \"layers\": [...], "
+                                          "\"pooling\": \"avg\", \"dim\": activation vector length}")
         unknown = sorted(set(extractor) - EXTRACTOR_KEYS)
         if unknown:
-            raise DescriptorError(source, f"unknown 'extractor' field(s) {quote(unknown)}; allowed: {sorted(EXTRACTOR_KEYS)}")
+            raise DescriptorError(source, f"unknown 'extractor' field(s) {quote(unknown)}; "
+                                          f"allowed: {sorted(EXTRACTOR_KEYS)}")
         if not isinstance(extractor.get("model"), str):
-            raise DescriptorError(source, f"'extractor'.'model' must be a pyiqa metric id, got {quote(extractor.get('model'))}")
+            raise DescriptorError(source, f"'extractor'.'model' must be a pyiqa metric id, "
+                                          f"got {quote(extractor.get('model'))}")
         dim = extractor.get("dim")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= 1_000_000:
-            raise DescriptorError(source, f"'extractor'.'dim' must be a positive integer (the activation vector length), got {quote(dim)}")
+            raise DescriptorError(source, f"'extractor'.'dim' must be a positive integer "
+                                          f"(the activation vector length), got {quote(dim)}")
         if use_flag or pos_encode_L:
             raise DescriptorError(source, "kind 'reference' takes no 'use_flag' / 'pos_encode_L'")
         extractor = dict(extractor)
@@ -194,7 +203,8 @@ def descriptor_from_catalog(weights_path: str | pathlib.Path, input_dim: int | N
         if tied:
             names = ", ".join(e.name for e in tied)
             raise ValueError(f"IQA-Adapter descriptor ({weights_path}): the file name matches several released "
-                             f"adapters ({names}); write a sidecar {sidecar_path(weights_path).name}, e.g. {SIDECAR_EXAMPLE}")
+                             f"adapters ({names}); write a sidecar {sidecar_path(weights_path).name}, "
+                             f"e.g. {SIDECAR_EXAMPLE}")
         return None
     variants = entry.input_dim_variants()
     if input_dim is not None:

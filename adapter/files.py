@@ -16,7 +16,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import InputError, quote
 

@@ -27,15 +27,28 @@ import sys
 import tempfile
 import threading
 import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
-from .clip_weights import CLIP_LOADER_MODULES, build_clip_from_file, clip_cache_dirs, clip_conversion_hint, \
-    clip_file_name, official_clip
-from .metric_files import MissingMetricWeightsError, UnsafeWeightsError, file_name_of, find_weight_file, \
-    read_state_dict, search_folders, unwrap_state_dict
+from .clip_weights import (
+    CLIP_LOADER_MODULES,
+    build_clip_from_file,
+    clip_cache_dirs,
+    clip_conversion_hint,
+    clip_file_name,
+    official_clip,
+)
+from .metric_files import (
+    MissingMetricWeightsError,
+    UnsafeWeightsError,
+    file_name_of,
+    find_weight_file,
+    read_state_dict,
+    search_folders,
+    unwrap_state_dict,
+)
 
 PATCHED_PACKAGES = ("pyiqa", "clip", "facexlib")  # modules whose globals a build replaces (facexlib: face metrics)
 _SCRATCH_CACHE_MODULES = ("pyiqa.archs.liqe_arch",)

@@ -8,7 +8,7 @@ and under the percent-encoded spelling pyiqa's cache keeps. Reading goes through
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import quote, unquote, urlparse
 
 import torch

@@ -81,7 +81,8 @@ class QualityProjection(nn.Module):
     def __init__(self, input_dim: int, cross_attention_dim: int, num_tokens: int, kind: str = "linear",
                  mlp_hidden_dim: int = 128):
         super().__init__()
-        self.input_dim, self.cross_attention_dim, self.num_tokens, self.kind = input_dim, cross_attention_dim, num_tokens, kind
+        self.input_dim, self.cross_attention_dim = input_dim, cross_attention_dim
+        self.num_tokens, self.kind = num_tokens, kind
         out = num_tokens * cross_attention_dim
         if kind == "linear":
             self.proj = nn.Linear(input_dim, out)
@@ -92,14 +93,17 @@ class QualityProjection(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim, eps=1e-5)
 
     @classmethod
-    def from_weights(cls, image_proj: dict[str, torch.Tensor], info: AdapterInfo, source: str = "<weights>") -> "QualityProjection":
+    def from_weights(
+        cls, image_proj: dict[str, torch.Tensor], info: AdapterInfo, source: str = "<weights>"
+    ) -> QualityProjection:
         """Build from `image_proj.*` tensors (prefix stripped), loaded strictly; fp32, CPU, eval mode."""
         module = cls(info.input_dim, info.cross_attention_dim, info.num_tokens, info.projection_kind,
                      info.mlp_hidden_dim or 128)
         try:
             module.load_state_dict({k: v.to(torch.float32) for k, v in image_proj.items()}, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"IQA-Adapter {source}: image_proj weights do not fit a {info.projection_kind} projection: {error}") from None
+            raise ValueError(f"IQA-Adapter {source}: image_proj weights do not fit a {info.projection_kind} "
+                             f"projection: {error}") from None
         return module.to(device="cpu", dtype=torch.float32).eval().requires_grad_(False)
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -145,7 +149,7 @@ class QualityTokens:
     def batch_size(self) -> int:
         return self.cond.shape[0]
 
-    def select(self, index: int) -> "QualityTokens":
+    def select(self, index: int) -> QualityTokens:
         return QualityTokens(self.cond[index:index + 1], self.uncond[index:index + 1], [self.labels[index]],
                              self.cross_attention_dim, self.num_tokens)
 
@@ -158,7 +162,7 @@ class QualityTokens:
                    "uncond": self.uncond.detach().to("cpu", torch.float32).contiguous()}, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, host_batch_cap: int = 4096) -> "QualityTokens":
+    def load(cls, path: str | os.PathLike, host_batch_cap: int = 4096) -> QualityTokens:
         """Read a tokens file; shapes and metadata are checked from the header before any tensor is read."""
         path = pathlib.Path(path)
         if not path.is_file() or path.stat().st_size == 0:

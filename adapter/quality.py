@@ -147,7 +147,8 @@ def positional_encoding(vectors: torch.Tensor, num_frequencies: int) -> torch.Te
     freqs = math.pi * (2.0 ** torch.arange(num_frequencies, dtype=torch.float64))
     angles = vectors.to(torch.float64).unsqueeze(-1) * freqs  # (B, D, L): feature-major, then frequency
     b = vectors.shape[0]
-    out = torch.cat([vectors.to(torch.float64), torch.sin(angles).reshape(b, -1), torch.cos(angles).reshape(b, -1)], dim=1)
+    out = torch.cat(
+        [vectors.to(torch.float64), torch.sin(angles).reshape(b, -1), torch.cos(angles).reshape(b, -1)], dim=1)
     return out.to(vectors.dtype)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .iqa_models import LoadedMetric, validate_images
 from .iqa_adapter import encode_tokens
+from .iqa_models import LoadedMetric, validate_images
 from .projection import QualityTokens
 
 POOLINGS = ("avg", "avg_l2")

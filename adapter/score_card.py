@@ -6,7 +6,7 @@ Plain data in, text/pixels out: no ComfyUI here.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

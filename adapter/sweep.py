@@ -15,9 +15,9 @@ import io as _io
 import math
 import pathlib
 import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -70,7 +70,9 @@ def check_sweep_inputs(metrics_text: str | None = None, start: float | None = No
         quality.check_negative_scale(negative_scale)
 
 
-def sweep_values(start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile") -> list[float]:
+def sweep_values(
+    start: float, stop: float, steps: int, spacing: str = "linear", mode: str = "percentile"
+) -> list[float]:
     """The swept target values, from `start` to `stop` (either order), `steps` of them (see SPACINGS)."""
     check_sweep_inputs(start=start, stop=stop, steps=steps, mode=mode, spacing=spacing)
     start, stop, steps = float(start), float(stop), int(steps)
@@ -335,8 +337,8 @@ def plot_score_vs_target(values: Sequence[float], scores: dict[str, Sequence[flo
     """
     import matplotlib
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     metrics = list(scores)
     if not metrics:

@@ -197,7 +197,8 @@ class ResultStore:
                 self._lock.seek(0)
                 holder = self._lock.read().strip()
                 self._lock.close()
-                raise SweepError(f"another sweep is writing to {self.out_dir} ({holder or 'unknown process'})") from None
+                raise SweepError(
+                    f"another sweep is writing to {self.out_dir} ({holder or 'unknown process'})") from None
             self._lock.truncate(0)
             self._lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
             self._lock.flush()

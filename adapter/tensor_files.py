@@ -18,8 +18,8 @@ import pathlib
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -78,7 +78,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEn
     if not isinstance(header, dict):
         raise TensorFileError(path, "corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise TensorFileError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
     data_len = size - 8 - header_len
     entries = {}

@@ -48,10 +48,10 @@ class BaseModel(Protocol):
 
     def base_kv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]: ...  # (to_k, to_v) of layer k
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # (B,3,S,S) in [-1,1] -> model latents
-    def encode_text(self, captions: list[str], micro: list[tuple]) -> tuple[torch.Tensor, dict]: ...  # context, extra conds;
-    # micro[i] = (original (h, w), crop (top, left), resolution)
+    # -> context, extra conds; micro[i] = (original (h, w), crop (top, left), resolution)
+    def encode_text(self, captions: list[str], micro: list[tuple]) -> tuple[torch.Tensor, dict]: ...
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, extra: dict,
-                adapter: "TrainableAdapter", tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor: ...
+                adapter: TrainableAdapter, tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------- the trainable module
@@ -82,7 +82,7 @@ class TrainableAdapter(nn.Module):
         self.layer_widths = list(layer_widths)
         self._base = None
 
-    def attach(self, base: BaseModel) -> "TrainableAdapter":
+    def attach(self, base: BaseModel) -> TrainableAdapter:
         object.__setattr__(self, "_base", base)  # not a submodule
         return self
 
@@ -323,7 +323,8 @@ def write_release(out_dir: pathlib.Path, name: str, module: TrainableAdapter, de
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{name}.safetensors"
     tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(module.released_state_dict(), str(tmp), metadata={"format": "iqa_adapter", "trainer": "comfyui-iqa-adapter"})
+    save_file(module.released_state_dict(), str(tmp),
+              metadata={"format": "iqa_adapter", "trainer": "comfyui-iqa-adapter"})
     os.replace(tmp, weights)
     weights.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
     return weights
@@ -360,7 +361,8 @@ class BatchBuilder:
     """Builds the local part of global batch `step` for process `rank` of `world` (same samples and
     randomness whatever `world` is: sample p of the global batch always draws from (seed, step, p))."""
 
-    def __init__(self, config: TrainConfig, dataset, vectors: torch.Tensor, base: BaseModel, cache_latents: bool = True):
+    def __init__(self, config: TrainConfig, dataset, vectors: torch.Tensor, base: BaseModel,
+                 cache_latents: bool = True):
         from .training_data import prepare_image
 
         self.config, self.dataset, self.vectors, self.base = config, dataset, vectors, base
@@ -424,7 +426,8 @@ class LossLog:
         rows = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(handle)
+                        if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.COLUMNS)
             writer.writeheader()

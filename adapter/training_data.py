@@ -299,7 +299,8 @@ def write_stats_csv(path: str | os.PathLike, scores: dict[str, dict[str, float]]
         rows.append({"metric": metric, **stats[metric]})
     for metric, by_key in scores.items():
         mean, std = stats[metric]["mean_val"], stats[metric]["std_val"]
-        rows.append({"metric": f"{metric}_normalized", **metric_statistics([(v - mean) / std for v in by_key.values()])})
+        rows.append({"metric": f"{metric}_normalized",
+                     **metric_statistics([(v - mean) / std for v in by_key.values()])})
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:

@@ -15,6 +15,7 @@ k = cross-attention layer position in diffusers `attn_processors` order (adapter
 """
 from __future__ import annotations
 
+import pathlib
 import re
 
 import torch
@@ -106,7 +107,8 @@ def authors_to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         elif key.startswith(AUTHORS_LAYERS):
             match = _AUTHORS_LAYER_KEY.match(key)
             if not match:
-                raise ValueError(f"unexpected key {key!r} (expected adapter_modules.<i>.to_k_ip.weight / to_v_ip.weight)")
+                raise ValueError(f"unexpected key {key!r} "
+                                 "(expected adapter_modules.<i>.to_k_ip.weight / to_v_ip.weight)")
             out[f"{RELEASED_LAYERS}{int(match.group(1))}.{match.group(2)}.weight"] = tensor
         elif not key.startswith(AUTHORS_UNET):
             raise ValueError(f"unexpected key {key!r} in a training state (expected unet.*, qual_proj_model.*, "
@@ -144,9 +146,8 @@ def to_released(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 ACCELERATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's save_state names, model 0
 
 
-def training_output_file(path) -> "pathlib.Path":
+def training_output_file(path) -> pathlib.Path:
     """A weights file, or an `accelerate` checkpoint folder (its first model's file)."""
-    import pathlib
 
     path = pathlib.Path(path)
     if path.is_dir():
@@ -155,29 +156,3 @@ def training_output_file(path) -> "pathlib.Path":
                 return path / name
         raise ValueError(f"{path}: no {', '.join(ACCELERATE_MODEL_FILES)} or adapter.safetensors in this folder")
     return path
-
-
-def convert_training_output(source, target, descriptor: dict) -> dict[str, torch.Tensor]:
-    """Read a training output (the authors' accelerate state, the pack trainer's checkpoint, or a released
-    file), write `target` (.safetensors, released layout, tensors as stored) and its sidecar descriptor.
-    The result is validated by the loader's own strict checks before anything is written."""
-    import json
-    import os
-    import pathlib
-
-    from safetensors.torch import save_file
-
-    from .checkpoint import read_adapter_file, split_state_dict
-    from .descriptor import check_input_dim, descriptor_from_dict
-
-    source_file = training_output_file(source)
-    released = {k: v.contiguous() for k, v in to_released(read_adapter_file(source_file)).items()}
-    weights = split_state_dict(released, source_file)
-    target = pathlib.Path(target)
-    check_input_dim(descriptor_from_dict(descriptor, source="descriptor"), weights.info.input_dim, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(released, str(tmp), metadata={"format": "iqa_adapter", "converted_from": source_file.name})
-    os.replace(tmp, target)
-    target.with_suffix(".json").write_text(json.dumps(descriptor, indent=2) + "\n")
-    return released

@@ -28,6 +28,7 @@ def random_full_sd_vae(seed: int = 0):
     import comfy.sd
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
+
     from comfyui_iqa_adapter.scripts.random_weights import alive_state_dict
 
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -51,9 +52,10 @@ def main() -> None:
 
     comfy = common.import_host_comfy()
     import torch
+
     from comfyui_iqa_adapter.adapter import iqa_models
-    from comfyui_iqa_adapter.scripts import random_weights
     from comfyui_iqa_adapter.nodes import guidance_nodes
+    from comfyui_iqa_adapter.scripts import random_weights
 
     model, clip, tiny_vae, _ = comfy.sd.load_checkpoint_guess_config(
         str(common.host_dir() / "models" / "checkpoints" / "tiny_sd15.safetensors"))

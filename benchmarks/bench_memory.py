@@ -28,9 +28,10 @@ ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
 def child(with_adapter: bool, size: int, steps: int) -> None:
     started = time.perf_counter()
     common.import_host_comfy()
-    import torch
     import comfy.sample
     import comfy.sd
+    import torch
+
     from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 
@@ -88,7 +89,8 @@ def main() -> None:
     line.update({
         "ratio": round(ratio, 4), "passed": ratio <= goal_max, "ratio_of": "peak RSS bytes (medians)",
         "adapter_bytes": adapter_bytes, "baseline_rss_bytes": int(base_rss), "variant_rss_bytes": int(variant_rss),
-        "baseline_rss_all": [r["peak_rss_bytes"] for r in base], "variant_rss_all": [r["peak_rss_bytes"] for r in variant],
+        "baseline_rss_all": [r["peak_rss_bytes"] for r in base],
+        "variant_rss_all": [r["peak_rss_bytes"] for r in variant],
         "size": args.size, "steps": args.steps, "note": "baseline_s/variant_s = child wall times",
     })
     common.emit(line)

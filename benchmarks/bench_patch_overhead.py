@@ -30,12 +30,15 @@ import_host(HOST, cpu=True)
 def measure(quick: bool):
     import comfy.sample
     import comfy.sd
+
     from comfyui_iqa_adapter.adapter import iqa_adapter, quality
     from comfyui_iqa_adapter.nodes import adapter_patch
 
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(HOST / "models" / "checkpoints" / "tiny_sd15.safetensors"))
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(HOST / "models" / "checkpoints" / "tiny_sd15.safetensors"))
     adapter = iqa_adapter.load_adapter(HOST / "models" / "iqa_adapter" / "tiny_sd15_iqa_adapter.safetensors")
-    tokens = iqa_adapter.encode_tokens(adapter, quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 99, "laion_aes": 99}))
+    target = quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 99, "laion_aes": 99})
+    tokens = iqa_adapter.encode_tokens(adapter, target)
     patched = adapter_patch.apply_iqa_adapter(model, adapter, tokens, 1.0)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
     uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
@@ -73,24 +76,31 @@ def analytic(name: str, config_class: str, unet_config: dict, size: int, num_tok
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    extra = {"num_heads": 8, "num_head_channels": -1} if config_class == "SD15" else {"num_heads": -1, "num_head_channels": 64}
-    unet = UNetModel(**unet_config, **extra, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+    if config_class == "SD15":
+        extra = {"num_heads": 8, "num_head_channels": -1}
+    else:
+        extra = {"num_heads": -1, "num_head_channels": 64}
+    unet = UNetModel(**unet_config, **extra, dtype=torch.float32, device="meta",
+                     operations=comfy.ops.disable_weight_init)
     layer_shapes = []
     hooks = []
     for module in unet.modules():
         if isinstance(module, host_attention.BasicTransformerBlock) and module.attn2 is not None:
             hooks.append(module.attn2.register_forward_hook(
-                lambda mod, args, out: layer_shapes.append((args[0].shape[1], mod.to_q.out_features, mod.to_k.in_features))))
+                lambda mod, args, out: layer_shapes.append(
+                    (args[0].shape[1], mod.to_q.out_features, mod.to_k.in_features))))
     latent = size // 8
     x = torch.zeros(1, 4, latent, latent, device="meta")
-    kwargs = {"y": torch.zeros(1, unet_config["adm_in_channels"], device="meta")} if unet_config.get("adm_in_channels") else {}
+    kwargs = {}
+    if unet_config.get("adm_in_channels"):
+        kwargs["y"] = torch.zeros(1, unet_config["adm_in_channels"], device="meta")
     original = host_attention.optimized_attention
     # FlopCounterMode counts SDPA; the CPU default (sub-quadratic chunking) cannot run on meta tensors.
     host_attention.optimized_attention = host_attention.attention_pytorch
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            unet(x, timesteps=torch.zeros(1, device="meta"), context=torch.zeros(1, 77, unet_config["context_dim"], device="meta"),
-                 **kwargs)
+            unet(x, timesteps=torch.zeros(1, device="meta"),
+                 context=torch.zeros(1, 77, unet_config["context_dim"], device="meta"), **kwargs)
     finally:
         host_attention.optimized_attention = original
         for hook in hooks:

@@ -31,13 +31,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.repeats = 8, 3
 
-    import torch
     import pyiqa
+    import torch
 
     comfy_server.import_host(cpu=True)
     from comfyui_iqa_adapter.adapter import iqa_models
-    from comfyui_iqa_adapter.scripts import random_weights
     from comfyui_iqa_adapter.nodes import metric_nodes
+    from comfyui_iqa_adapter.scripts import random_weights
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     folder = tempfile.mkdtemp(prefix="bench_iqa_")
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
             fn()
             times[name].append(time.perf_counter() - start)
     baseline_s, variant_s = statistics.median(times["baseline"]), statistics.median(times["variant"])
-    print(json.dumps({"name": f"iqa_score_{args.metric}_{args.images}x{args.size}", "ratio": round(variant_s / baseline_s, 4),
-                      "baseline_s": round(baseline_s, 4), "variant_s": round(variant_s, 4), "repeats": args.repeats}))
+    print(json.dumps({"name": f"iqa_score_{args.metric}_{args.images}x{args.size}",
+                      "ratio": round(variant_s / baseline_s, 4), "baseline_s": round(baseline_s, 4),
+                      "variant_s": round(variant_s, 4), "repeats": args.repeats}))
     return 0
 
 

@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 
+from comfyui_iqa_adapter.benchmarks.common import add_tiny_sampling_args
 from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, ensure_pack_linked, host_dir
 
 
@@ -69,11 +70,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 repeats, 2 steps")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--targets", type=int, default=8)
-    p.add_argument("--ckpt", default="tiny_sd15.safetensors")
-    p.add_argument("--adapter", default="tiny_sd15_iqa_adapter.safetensors")
+    add_tiny_sampling_args(p)
     p.add_argument("--url", help="a running server (default: start one)")
     args = p.parse_args(argv)
     if args.quick:

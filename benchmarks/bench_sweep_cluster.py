@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from comfyui_iqa_adapter.benchmarks.common import add_tiny_sampling_args
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMPTS = ["a red car", "a lighthouse", "a bowl of fruit", "a mountain lake", "a city street", "an old man",
            "a cat on a sofa", "a field of flowers"]
@@ -70,14 +72,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 prompts x 4 targets, 2 steps")
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--targets", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--gpu-item-s", type=float, default=1.0,
                    help="assumed sampling seconds per image on a GPU (SDXL 1024 px, ~25 steps, batched)")
-    p.add_argument("--ckpt", default="tiny_sd15.safetensors")
-    p.add_argument("--adapter", default="tiny_sd15_iqa_adapter.safetensors")
+    add_tiny_sampling_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.targets, args.steps = 2, 4, 2

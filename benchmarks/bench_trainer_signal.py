@@ -34,11 +34,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
+    from comfyui_iqa_adapter.nodes.train_host import HostBase
     from comfyui_iqa_adapter.tests.support import trainer_signal
 
-    from comfyui_iqa_adapter.nodes.train_host import HostBase
-
-    base = HostBase.from_checkpoint(str(REPO / ".host" / "ComfyUI" / "models" / "checkpoints" / "tiny_sd15.safetensors"))
+    base = HostBase.from_checkpoint(
+        str(REPO / ".host" / "ComfyUI" / "models" / "checkpoints" / "tiny_sd15.safetensors"))
     results = []
     with tempfile.TemporaryDirectory(prefix="iqa-signal-") as work:
         for seed in range(seeds):

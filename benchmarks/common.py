@@ -13,12 +13,21 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from comfyui_iqa_adapter.scripts import comfy_server
 from comfyui_iqa_adapter.scripts.comfy_server import host_dir  # noqa: F401  (the selected host, for bench scripts)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def add_tiny_sampling_args(parser, steps: int = 4, size: int = 64, targets: int = 8) -> None:
+    """The arguments of a benchmark that samples the tiny models: steps, size, targets, checkpoint, adapter."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--targets", type=int, default=targets)
+    parser.add_argument("--ckpt", default="tiny_sd15.safetensors")
+    parser.add_argument("--adapter", default="tiny_sd15_iqa_adapter.safetensors")
 
 
 def is_quick(argv: list[str] | None = None) -> bool:

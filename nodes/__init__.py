@@ -1,7 +1,6 @@
 """Thin ComfyUI layer: one module per concern, each exporting NODES (a list of io.ComfyNode classes)."""
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from . import adapter_nodes, graph, guidance_nodes, metric_nodes, paths, reference_nodes, sweep_nodes
 

@@ -190,10 +190,7 @@ class IQAAdapterApply(io.ComfyNode):
                                tooltip="How strongly quality steers the image. 1 = as trained and the authors' "
                                        "default (with 30 steps, CFG 7.5 on SD1.5, 5.0 on SDXL; suggested "
                                        "0.8-1.2); 0 = off."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="When to start, as a fraction of the steps (0 = from the first step)."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="When to stop, as a fraction of the steps (1 = until the last step)."),
+                *inputs.schedule_inputs(),
             ],
             outputs=[io.Model.Output()],
         )

@@ -167,7 +167,7 @@ class IQAAttn2Patch:
     def __deepcopy__(self, memo):
         return self  # immutable apart from caches; ModelPatcher.clone must not duplicate the tensors
 
-    def view(self) -> "IQAAttn2Patch":
+    def view(self) -> IQAAttn2Patch:
         """The same patch for another model: shared tensors and caches, its own added branches."""
         other = copy.copy(self)
         other.added = list(self.added)

@@ -27,7 +27,7 @@ from ..adapter import errors, guidance, iqa_models
 from ..adapter.errors import InputError
 from . import presentation, types
 from .host_models import host_managed, memory_managed
-from .inputs import check_schedule
+from .inputs import check_schedule, schedule_inputs
 
 NODE = "IQAGradientGuidance"
 DECODERS = ("vae", "taesd")
@@ -249,11 +249,7 @@ class IQAGradientGuidance(io.ComfyNode):
                                tooltip="How hard to push. 0 = off. With normalization 'rms' try 0.05-0.5; with "
                                        "'std' or 'none' the useful range depends on the metric: start at 1 and "
                                        "raise it until the score moves (a few hundred for small CNN metrics)."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="When to start, as a fraction of the steps (0 = from the first step)."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="When to stop, as a fraction of the steps (1 = until the last step; 0.6-0.8 "
-                                       "leaves the final details alone)."),
+                *schedule_inputs("; 0.6-0.8 leaves the final details alone"),
                 io.Combo.Input("decoder", options=list(DECODERS), default="vae",
                                tooltip="'vae': differentiate the given VAE's decoder (faithful, costly). "
                                        "'taesd': the cheap TAESD decoder from models/vae_approx."),

@@ -4,6 +4,7 @@ InputError naming the input; the node's `errors.node_errors` (run time) or `pres
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from ..adapter.errors import InputError, quote
 
@@ -30,6 +31,16 @@ def image_to_bchw(images: torch.Tensor, input_name: str) -> torch.Tensor:
     if images.min() < 0 or images.max() > 1:  # clamp only when needed: no extra copy of large batches
         images = images.clamp(0, 1)
     return images
+
+
+def schedule_inputs(end_hint: str = "") -> list:
+    """The start_at/end_at widgets of a node that acts during part of the sampling (checked by check_schedule)."""
+    return [
+        io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="When to start, as a fraction of the steps (0 = from the first step)."),
+        io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip=f"When to stop, as a fraction of the steps (1 = until the last step{end_hint})."),
+    ]
 
 
 def check_schedule(start_at, end_at) -> None:

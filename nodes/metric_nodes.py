@@ -92,7 +92,8 @@ class IQAMetricLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("metric", options=options, default="topiq_nr", tooltip=tooltip),
                 io.Combo.Input("device", options=DEVICES, default="auto",
-                               tooltip="auto = the device ComfyUI runs its models on (follows --cpu, --cuda-device, ...)."),
+                               tooltip="auto = the device ComfyUI runs its models on "
+                                       "(follows --cpu, --cuda-device, ...)."),
                 io.Boolean.Input("differentiable", default=False,
                                  tooltip="On only for Quality Guidance (it needs gradients). Off for scoring."),
             ],
@@ -119,7 +120,8 @@ class IQAMetricLoader(io.ComfyNode):
             raise InputError(f"'{metric}': {error}", "metric") from None
         except ImportError as error:
             raise InputError(f"'{metric}' needs a Python module that is not installed ({error}); CLIP-based pyiqa "
-                             f"metrics (clipiqa, laion_aes, liqe) import pkg_resources (setuptools<81)", "metric") from None
+                             f"metrics (clipiqa, laion_aes, liqe) import pkg_resources (setuptools<81)",
+                             "metric") from None
         except Exception as error:  # pyiqa's own build failed (e.g. a hub-only model offline)
             raise InputError(f"'{metric}' could not be built offline: {type(error).__name__}: {error}",
                              "metric") from None
@@ -176,7 +178,8 @@ def score_images(metrics: list[iqa_models.LoadedMetric], images: torch.Tensor, r
         except comfy.model_management.InterruptProcessingException:
             raise
         except Exception as error:  # noqa: BLE001 - pyiqa's own failures on odd images (sizes, degenerate content)
-            raise InputError(f"metric '{metric.name}' could not score them: {errors.describe(error)}", "images") from None
+            raise InputError(f"metric '{metric.name}' could not score them: {errors.describe(error)}",
+                             "images") from None
         result.add(metric, values.detach().float().cpu().tolist())
     return result
 
@@ -237,7 +240,8 @@ class IQAScore(io.ComfyNode):
             if value is None:
                 continue
             if not isinstance(value, iqa_models.LoadedMetric):
-                raise InputError(f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}", input_name)
+                raise InputError(f"expected an IQA_METRIC from IQA Metric Loader, got {type(value).__name__}",
+                                 input_name)
             metrics.append(value)
         if save_rows not in SAVE_FORMATS:
             raise InputError(f"expected one of {', '.join(SAVE_FORMATS)}, got {errors.quote(save_rows)}", "save_rows")
@@ -249,7 +253,8 @@ class IQAScore(io.ComfyNode):
         if save_rows != "none":
             files.check_user_path(filename_prefix, "filename_prefix")
             output_dir = os.path.abspath(folder_paths.get_output_directory())
-            path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{'csv' if save_rows == 'csv' else 'jsonl'}"))
+            extension = "csv" if save_rows == "csv" else "jsonl"
+            path = os.path.abspath(os.path.join(output_dir, f"{filename_prefix}.{extension}"))
             if os.path.commonpath([path, output_dir]) != output_dir:
                 raise InputError(f"{errors.quote(filename_prefix)} points outside the output folder", "filename_prefix")
             stamp = datetime.datetime.now().isoformat(timespec="seconds")

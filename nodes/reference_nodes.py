@@ -10,8 +10,8 @@ from comfy_api.latest import io
 
 from ..adapter import errors, iqa_models, projection
 from ..adapter import reference as reference_encoding
-from ..adapter.iqa_adapter import IQAAdapter
 from ..adapter.errors import InputError
+from ..adapter.iqa_adapter import IQAAdapter
 from . import presentation, types
 from .inputs import image_to_bchw
 from .limits import host_batch_cap
@@ -31,7 +31,8 @@ class IQAAdapterEncodeReference(io.ComfyNode):
                 types.Adapter.Input("adapter", tooltip="A reference-kind adapter (descriptor kind 'reference')."),
                 io.Image.Input("reference", tooltip="Reference image(s) whose quality traits to transfer."),
                 types.Metric.Input(
-                    "metric", tooltip="The IQA model the adapter was trained on (named in its descriptor's extractor)."),
+                    "metric",
+                    tooltip="The IQA model the adapter was trained on (named in its descriptor's extractor)."),
                 io.Image.Input("negative_reference", optional=True,
                                tooltip="Optional: its tokens replace the default unconditional tokens projection(0)."),
             ],
@@ -42,7 +43,8 @@ class IQAAdapterEncodeReference(io.ComfyNode):
     @errors.node_errors(NODE, "reference")
     def execute(cls, adapter, reference, metric, negative_reference=None) -> io.NodeOutput:
         if not isinstance(adapter, IQAAdapter):
-            raise InputError(f"expected an IQA_ADAPTER from IQA-Adapter Loader, got {type(adapter).__name__}", "adapter")
+            raise InputError(f"expected an IQA_ADAPTER from IQA-Adapter Loader, got {type(adapter).__name__}",
+                             "adapter")
         if not isinstance(metric, iqa_models.LoadedMetric):
             raise InputError(f"expected an IQA_METRIC from IQA Metric Loader, got {type(metric).__name__}", "metric")
         return io.NodeOutput(encode(adapter, reference, metric, negative_reference))

@@ -10,12 +10,11 @@ import json
 import math
 import os
 
-import numpy as np
-import torch
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import numpy as np
+import torch
 from comfy_api.latest import io
 
 from ..adapter import errors, files, iqa_models, projection, quality, sweep
@@ -209,7 +208,8 @@ class IQASweepReport(io.ComfyNode):
             image_names = []
             for i in range(array.shape[0]):
                 name = f"{stem}_img{i:03}.png"
-                files.create_new(os.path.join(full_folder, name), sweep.png_bytes((array[i] * 255.0 + 0.5).astype(np.uint8)))
+                pixels = (array[i] * 255.0 + 0.5).astype(np.uint8)
+                files.create_new(os.path.join(full_folder, name), sweep.png_bytes(pixels))
                 image_names.append(name)
             meta = cls.graph_facts()
             report = sweep.write_report(full_folder, stem, targets, measured, array, image_names, meta, directions,

@@ -30,7 +30,8 @@ class TrainingAttn2Patch:
         out = adapter_patch._host_text_attention(q, k, v, extra_options)
         adapter, tokens, scale = extra_options[TRAIN_OPTION]
         layer = adapter.layer(self.position)
-        ip_out = adapter_attention.ip_attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), extra_options["n_heads"])
+        ip_out = adapter_attention.ip_attention(
+            q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), extra_options["n_heads"])
         return adapter_attention.decoupled_output(out, ip_out.to(out.dtype), scale)
 
 
@@ -38,7 +39,7 @@ class HostBase:
     """A frozen base model for adapter/training.py, from the host's (model patcher, CLIP, VAE)."""
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_path: str, device: str | torch.device = "cpu") -> "HostBase":
+    def from_checkpoint(cls, checkpoint_path: str, device: str | torch.device = "cpu") -> HostBase:
         import comfy.sd
 
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint_path), output_vae=True,
@@ -64,7 +65,8 @@ class HostBase:
         elif isinstance(sampling, model_sampling.EPS) and not isinstance(sampling, model_sampling.CONST):
             self.prediction_type = "eps"
         else:
-            raise ValueError(f"train: checkpoint {self.path}: prediction type {type(sampling).__name__} is not eps or v")
+            raise ValueError(
+                f"train: checkpoint {self.path}: prediction type {type(sampling).__name__} is not eps or v")
         sigmas = sampling.sigmas.detach().double().cpu()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
         self.sampling = sampling
@@ -118,7 +120,8 @@ class HostBase:
         context = torch.cat([cond for cond, _ in encoded]).to(self.device)
         rows = []
         for (_, pooled), conditioning in zip(encoded, micro):
-            adm = self.base_model.encode_adm(pooled_output=pooled, device=torch.device("cpu"), **sdxl_sizes(*conditioning))
+            adm = self.base_model.encode_adm(
+                pooled_output=pooled, device=torch.device("cpu"), **sdxl_sizes(*conditioning))
             if adm is None:
                 return context, {}
             rows.append(adm)

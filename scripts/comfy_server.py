@@ -149,13 +149,14 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
+    def start(self, timeout: float = 180.0) -> ComfyServer:
         if not (self.comfy_dir / "main.py").exists():
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}: run `bash scripts/setup.sh` first")
         for d in (self.output_dir, self.input_dir, self.temp_dir, self.user_dir):
             d.mkdir(parents=True, exist_ok=True)
-        cmd = [host_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--output-directory", str(self.output_dir),
+        cmd = [host_python(), "main.py", *(["--cpu"] if self.cpu else []),
+               "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+               "--output-directory", str(self.output_dir),
                "--input-directory", str(self.input_dir), "--temp-directory", str(self.temp_dir),
                "--user-directory", str(self.user_dir),
                "--database-url", f"sqlite:///{self.user_dir / 'comfyui.db'}", *self.extra_args]

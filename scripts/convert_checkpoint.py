@@ -15,18 +15,19 @@ import pathlib
 import sys
 
 
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="checkpoint folder or weights file")
     p.add_argument("target", help="output .safetensors (the descriptor goes next to it as .json)")
-    p.add_argument("--descriptor", help="descriptor JSON file to write next to the weights (instead of the options below)")
+    p.add_argument("--descriptor",
+                   help="descriptor JSON file to write next to the weights (instead of the options below)")
     p.add_argument("--metrics", nargs="+", help="pyiqa ids in the order of the training --features")
-    p.add_argument("--normalization", choices=["zscore", "none"], default="zscore", help="the training --normalized flag")
+    p.add_argument("--normalization", choices=["zscore", "none"], default="zscore",
+                   help="the training --normalized flag")
     p.add_argument("--flag", action="store_true", help="trained with --use_flag 1")
     p.add_argument("--pos-encode-L", type=int, default=0, help="trained with --pos_encode 1: its --pos_encode_L")
     args = p.parse_args(argv)
-    from comfyui_iqa_adapter.adapter import training_layout
+    from comfyui_iqa_adapter.adapter import checkpoint
 
     if args.descriptor:
         descriptor = json.loads(pathlib.Path(args.descriptor).read_text())
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     else:
         p.error("give --metrics (and --flag / --pos-encode-L as trained) or --descriptor")
     try:
-        released = training_layout.convert_training_output(args.source, args.target, descriptor)
+        released = checkpoint.convert_training_output(args.source, args.target, descriptor)
     except ValueError as error:
         print(f"convert: {error}", file=sys.stderr)
         return 2

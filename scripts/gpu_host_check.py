@@ -75,8 +75,8 @@ def fill_defaults(server: ComfyServer, graph: dict) -> dict:
 
 
 def load_pixels(server: ComfyServer, result, node_id: str = "7"):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     return np.asarray(Image.open(server.output_file(result.images(node_id)[0])).convert("RGB"), dtype=np.int16)
 

@@ -52,8 +52,9 @@ def scene(width: int, height: int) -> Image.Image:
     for band in range(5):  # red and white stripes
         y0 = base_y - tower_h + band * tower_h // 5
         taper = band * tower_w // 10
-        draw.rectangle([base_x - tower_w + (5 - band) * 2 - taper // 3, y0, base_x + tower_w - (5 - band) * 2 + taper // 3,
-                        y0 + tower_h // 5], fill=(200, 40, 40) if band % 2 else (240, 240, 235))
+        inset = (5 - band) * 2 - taper // 3
+        draw.rectangle([base_x - tower_w + inset, y0, base_x + tower_w - inset, y0 + tower_h // 5],
+                       fill=(200, 40, 40) if band % 2 else (240, 240, 235))
     lamp_y = base_y - tower_h
     draw.rectangle([base_x - tower_w // 2, lamp_y - tower_w, base_x + tower_w // 2, lamp_y], fill=(255, 240, 160))
     draw.polygon([(base_x - tower_w, lamp_y - tower_w), (base_x + tower_w, lamp_y - tower_w),

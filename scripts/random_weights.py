@@ -141,8 +141,9 @@ def write_random_weights(name: str, folder: str, seed: int = 0, noise: float = 0
     tensor) are not generated."""
     os.makedirs(folder, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    plan = metric_build.plan_metric(name, make_clip=lambda module, clip_name: random_clip_model(clip_name, seed, module),
-                                    clip_folders=[os.path.abspath(folder)])
+    plan = metric_build.plan_metric(
+        name, make_clip=lambda module, clip_name: random_clip_model(clip_name, seed, module),
+        clip_folders=[os.path.abspath(folder)])
     written = [_save_state(random_clip_model(load.clip_name, seed).state_dict(), os.path.join(folder, load.file_name))
                for load in plan.clip_loads if load.path is None]
     for load in plan.weight_loads:

@@ -46,8 +46,7 @@ import time
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 from comfyui_iqa_adapter.adapter import sweep_jobs  # noqa: E402
-from comfyui_iqa_adapter.adapter.sweep_jobs import (  # noqa: E402,F401  (find_prompt_node: used by the tests)
-    SweepError, find_nodes, find_prompt_node)
+from comfyui_iqa_adapter.adapter.sweep_jobs import SweepError, find_nodes, find_prompt_node  # noqa: E402,F401  (find_prompt_node: used by the tests)
 
 
 def parse_targets(text: str) -> list[float]:
@@ -130,8 +129,8 @@ class Progress:
         if not force and time.monotonic() - self._written < 0.5:
             return
         snap = self.snapshot(driver_s)
-        self.bar.set_postfix_str("  ".join(f"{n}:{w['done']} {w['rate_per_s']:.2f}/s" for n, w in snap["workers"].items()),
-                                 refresh=False)
+        rates = "  ".join(f"{n}:{w['done']} {w['rate_per_s']:.2f}/s" for n, w in snap["workers"].items())
+        self.bar.set_postfix_str(rates, refresh=False)
         self.bar.refresh()
         write_json_atomic(self.path, snap)
         self._written = time.monotonic()
@@ -214,7 +213,8 @@ def run_batches(api: dict, batches: list, store, args, out_dir: pathlib.Path) ->
             for event in events:
                 kind, name = event[0], event[1]
                 if kind == "ready":
-                    workers[name] = {**event[2], "state": "ready", "restarts": workers.get(name, {}).get("restarts", -1) + 1}
+                    restarts = workers.get(name, {}).get("restarts", -1) + 1
+                    workers[name] = {**event[2], "state": "ready", "restarts": restarts}
                     directions.update(event[2].get("lower_better", {}))
                     entry = progress.worker(name)
                     if entry["state"] == "starting":  # its rate counts from its first ready, not its start-up

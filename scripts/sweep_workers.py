@@ -84,7 +84,8 @@ def load_scorer(name: str, folders: list[str], device: str = "cpu", score_size: 
 
 class SweepWorker:
     def __init__(self, name: str, url: str | None = None, metrics=(), metric_dirs=None, metric_device: str = "cpu",
-                 score_size: str = "cc3m", timeout: float = 1800, warmup: dict | None = None, gpu: bool = False, threads: int | None = None):
+                 score_size: str = "cc3m", timeout: float = 1800, warmup: dict | None = None, gpu: bool = False,
+                 threads: int | None = None):
         self.name = name
         self.threads = threads
         self.gpu = gpu
@@ -201,7 +202,8 @@ class LocalPool:
     def _render(self, name: str, graph: dict, batch) -> None:
         worker = self.workers[name]
         try:
-            self.events.put(("done", name, batch, worker.render(graph, batch.to_dict(), self.save_node, self.score_node)))
+            result = worker.render(graph, batch.to_dict(), self.save_node, self.score_node)
+            self.events.put(("done", name, batch, result))
         except ServerLost as error:
             self.events.put(("lost", name, batch, str(error)))
             if worker.url:  # not ours to restart

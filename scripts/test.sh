@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the tests need (venv, torch, ComfyUI hosts, tiny models, test extras, Chromium for the
-# browser tests) and runs the tests over the host matrix:
+# browser tests), runs the linter (ruff, rules in pyproject.toml) once, and runs the tests over the host matrix:
 #   1. the whole suite on the default host (ComfyUI 0.3.75 from the wheel, or COMFYUI_PATH);
 #   2. when ../shared/hosts/ComfyUI-0.33.0.tar.gz lies beside this checkout (it does in CI): the
 #      host-contract, workflow, adapter, interop, guidance and browser tests on ComfyUI 0.33.0, then the browser
@@ -56,6 +56,17 @@ run() {
   rm -f "$log"
   [ "$rc" = 0 ] || final=1
 }
+
+# the linter (rules in pyproject.toml) once, before the tests; a finding fails the run like a failed test
+lint_start=$(date +%s)
+lint_log="$(mktemp)"
+echo "[test] === ruff check ==="
+.venv/bin/ruff check . 2>&1 | tee "$lint_log"
+lint_rc=${PIPESTATUS[0]}
+lint_result="$(grep -E '^(All checks passed!|Found [0-9]+ errors?)' "$lint_log" | tail -1)"
+summary+=("ruff check: ${lint_result:-no result line} (exit $lint_rc, $(( $(date +%s) - lint_start )) s wall)")
+rm -f "$lint_log"
+[ "$lint_rc" = 0 ] || final=1
 
 run "ComfyUI default host (whole suite)" .venv/bin/python IQA_TEST_HOST=default -- tests "$@"
 if [ "$matrix" = 1 ]; then

@@ -19,8 +19,10 @@ from comfyui_iqa_adapter.scripts.comfy_server import PACK_ROOT, import_host
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="ComfyUI checkpoint file (path, or a name in the host's models/checkpoints)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="ComfyUI checkpoint file (path, or a name in the host's models/checkpoints)")
     p.add_argument("--data", nargs="+", required=True, help="image folders and/or WebDataset .tar shards")
     p.add_argument("--captions", help="CSV or JSONL with columns image,text (else <image>.txt / the shard's txt)")
     p.add_argument("--metrics", nargs="+", required=True, help="pyiqa metric ids, in input-vector order")

@@ -107,7 +107,7 @@ def _links_by_id(ui: dict) -> dict[int, list]:
     links = {}
     for link in ui.get("links", []):
         if isinstance(link, dict):  # newer serialisation
-            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], link["type"]]
+            link = [link[key] for key in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
         links[int(link[0])] = link
     return links
 
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     object_info, server = _object_info(args.url)
     try:
         failures = 0
-        for name, path in examples().items():
+        for path in examples().values():
             ui = json.loads(path.read_text())
             errors = validate_ui(ui, object_info) + layout_problems(ui)
             for error in errors:

@@ -12,10 +12,10 @@ import tempfile
 import urllib.request
 
 import pytest
-from support import graphs, host_models, third_party
-from support.graphs import TINY_ADAPTER, TINY_CHECKPOINT  # noqa: F401 - re-exported for the tests
 
 from comfyui_iqa_adapter.scripts import comfy_server as comfy_server_module  # (`comfy_server` is the fixture)
+from support import graphs, host_models, third_party
+from support.graphs import TINY_ADAPTER, TINY_CHECKPOINT  # noqa: F401 - re-exported for the tests
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 PACK_ROOT = TESTS_DIR.parent

@@ -11,12 +11,12 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from comfyui_iqa_adapter.adapter import attention, checkpoint, descriptor, iqa_adapter, layers, projection, quality
 from comfyui_iqa_adapter.models import adapters as catalog
 from comfyui_iqa_adapter.models import stats
 from comfyui_iqa_adapter.scripts import random_weights
-from safetensors.torch import save_file
 from support.bad_files import BAD_FILES, RunsCode
 
 AdapterFileError = checkpoint.AdapterFileError
@@ -205,7 +205,8 @@ def test_catalog_specificity():
         assert entry is not None and entry.name == expected, (name, entry, tied)
     assert len(catalog.CATALOG) == 26
     assert [e.name for e in catalog.CATALOG if e.recipe] == ["TOPIQ + LAION-AES"]
-    assert [dim for _, _, dim in next(e for e in catalog.CATALOG if e.name == "TOPIQ + LAION-AES").input_dim_variants()] == [2, 3]
+    recipe = next(e for e in catalog.CATALOG if e.name == "TOPIQ + LAION-AES")
+    assert [dim for _, _, dim in recipe.input_dim_variants()] == [2, 3]
     assert catalog.match_catalog("my_adapter.safetensors") == (None, [])
 
 
@@ -226,7 +227,8 @@ def test_sidecar_errors(tmp_path):
     write_sidecar(path, {"metrics": ["topiq_nr", "laion_aes"], "use_flags": True})
     with pytest.raises(ValueError, match="unknown field"):
         iqa_adapter.load_adapter(path)
-    write_sidecar(path, {"metrics": ["topiq_nr", "my_metric"], "metric_stats": {"my_metric": {"mean": 1.0, "std": 2.0}}})
+    write_sidecar(path, {"metrics": ["topiq_nr", "my_metric"],
+                         "metric_stats": {"my_metric": {"mean": 1.0, "std": 2.0}}})
     adapter = iqa_adapter.load_adapter(path)
     vec = quality.build_quality_vector(adapter.descriptor, {"topiq_nr": 0.0, "my_metric": 5.0}, mode="raw")
     assert vec[0, 1].item() == pytest.approx(2.0)
@@ -234,7 +236,8 @@ def test_sidecar_errors(tmp_path):
 
 def test_reference_descriptor(tmp_path):
     path = save_st(tmp_path / "ref.safetensors", small_dict(input_dim=40),
-                   {"kind": "reference", "extractor": {"model": "arniqa", "layers": ["backbone"], "pooling": "avg", "dim": 40}})
+                   {"kind": "reference",
+                    "extractor": {"model": "arniqa", "layers": ["backbone"], "pooling": "avg", "dim": 40}})
     d = iqa_adapter.load_adapter(path).descriptor
     assert d.kind == "reference" and d.input_dim == 40
     with pytest.raises(ValueError, match="reference"):
@@ -291,7 +294,8 @@ def test_percentile_zscore_raw_modes():
     assert v[0, 0].item() == pytest.approx((t.quantiles[99] - t.mean) / t.std, abs=1e-6)
     assert v[0, 0].item() == pytest.approx(2.011, abs=1e-3)
     assert v[0, 1].item() == pytest.approx((a.quantiles[50] - a.mean) / a.std, abs=1e-6)
-    z = quality.build_quality_vector(d, [{"topiq_nr": 1.5, "laion_aes": -2.0}, {"topiq_nr": 0, "laion_aes": 0}], mode="zscore")
+    z = quality.build_quality_vector(d, [{"topiq_nr": 1.5, "laion_aes": -2.0}, {"topiq_nr": 0, "laion_aes": 0}],
+                                     mode="zscore")
     assert torch.equal(z, torch.tensor([[1.5, -2.0], [0.0, 0.0]]))
     r = quality.build_quality_vector(d, {"topiq_nr": 0.6, "laion_aes": 6.0}, mode="raw")
     assert r[0].tolist() == pytest.approx([(0.6 - t.mean) / t.std, (6.0 - a.mean) / a.std], abs=1e-6)
@@ -310,7 +314,8 @@ def test_flag_and_positional_encoding_layout():
             assert v[3 + i * 10 + k].item() == pytest.approx(math.sin(w * p), abs=1e-5)
             assert v[33 + i * 10 + k].item() == pytest.approx(math.cos(w * p), abs=1e-5)
     assert recipe_descriptor(use_flag=True).input_dim == 3
-    flagged = quality.build_quality_vector(recipe_descriptor(use_flag=True), {"topiq_nr": 0, "laion_aes": 0}, mode="zscore")
+    flagged = quality.build_quality_vector(recipe_descriptor(use_flag=True), {"topiq_nr": 0, "laion_aes": 0},
+                                           mode="zscore")
     assert flagged.tolist() == [[0.0, 0.0, 1.0]]
 
 
@@ -438,7 +443,10 @@ def test_quality_tokens_save_load(tmp_path):
 def reference_attention(q, k, v, heads):
     b, t, width = q.shape
     d = width // heads
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3).double()
+
+    def split(x):
+        return x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3).double()
+
     weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
     return (weights @ split(v)).permute(0, 2, 1, 3).reshape(b, t, width)
 
@@ -476,7 +484,8 @@ def test_precompute_ip_kv(tmp_path):
 # ---------------------------------------------------------------- layer check
 
 def test_sd15_adapter_on_sdxl_model_is_refused():
-    with pytest.raises(ValueError, match=r"adapter has 16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
+    with pytest.raises(ValueError, match=r"adapter has 16 cross-attention layers \(C=768\) "
+                                         r"but the model has 70 \(context dim 2048\)"):
         layers.check_layers_match(layers.SD15_LAYER_WIDTHS, 768, layers.SDXL_LAYER_WIDTHS, 2048)
     swapped = list(layers.SD15_LAYER_WIDTHS)
     swapped[0] = 640
@@ -507,7 +516,8 @@ def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
                                                 input_dim=6, seed=3)
     path = tmp_path / "ref.safetensors"
     save_file(state, str(path))
-    reference = descriptor.descriptor_from_dict({"kind": "reference", "extractor": {"model": "m", "layers": ["x"], "dim": 6}})
+    reference = descriptor.descriptor_from_dict(
+        {"kind": "reference", "extractor": {"model": "m", "layers": ["x"], "dim": 6}})
     adapter = iqa_adapter.load_adapter(path, reference)
     ok = iqa_adapter.encode_tokens(adapter, torch.ones(2, 6))
     assert ok.batch_size == 2
@@ -526,8 +536,9 @@ def test_every_token_path_refuses_huge_or_empty_values(tmp_path):
     assert foreign.read_text() == "a,b\n1,2\n" and written.name == "s_2.csv"
     assert written.read_text().splitlines() == ["metric,score", "'-1+2,-1.5"]
     # sweep reports: user text from the graph is neutralised, a second report never overwrites the first
-    from comfyui_iqa_adapter.adapter import sweep
     import csv
+
+    from comfyui_iqa_adapter.adapter import sweep
     targets = sweep.build_sweep(["topiq_nr"], "", 10.0, 90.0, 3)
     hostile = {"prompt": '=HYPERLINK("http://example.invalid")', "model": "+cmd $\\frac{$", "adapter": "@SUM(1)"}
     first = sweep.write_report(tmp_path, "r", targets, {"topiq_nr": [0.1, 0.5, 0.9]}, None, ["a", "b", "c"], hostile)

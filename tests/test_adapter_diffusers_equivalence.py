@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from comfyui_iqa_adapter.adapter import iqa_adapter
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 from comfyui_iqa_adapter.scripts import random_weights
@@ -25,9 +26,10 @@ MAX_DIFFS: dict = {}
 CONFIGS = {
     "sd15": (
         "SD15",
-        {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-             "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-             "context_dim": 48, "use_linear_in_transformer": False, "use_spatial_transformer": True, "adm_in_channels": None,
+        {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+             "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+             "transformer_depth_middle": 1, "context_dim": 48, "use_linear_in_transformer": False,
+             "use_spatial_transformer": True, "adm_in_channels": None,
              "use_temporal_attention": False, "use_temporal_resblock": False},
         {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64), "layers_per_block": 1,
              "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -36,15 +38,18 @@ CONFIGS = {
     ),
     "sdxl": (
         "SDXL",
-        {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-             "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
+        {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1, 1],
+             "channel_mult": [1, 2], "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2],
+             "transformer_depth_middle": 2,
              "context_dim": 80, "use_linear_in_transformer": True, "use_spatial_transformer": True,
              "adm_in_channels": 40 + 6 * 8, "num_classes": "sequential", "use_temporal_attention": False,
              "use_temporal_resblock": False},
         {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (64, 128), "layers_per_block": 1,
-             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-             "transformer_layers_per_block": (1, 2), "cross_attention_dim": 80, "attention_head_dim": (1, 2), "norm_num_groups": 32,
-             "norm_eps": 1e-6, "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+             "transformer_layers_per_block": (1, 2), "cross_attention_dim": 80, "attention_head_dim": (1, 2),
+             "norm_num_groups": 32, "norm_eps": 1e-6, "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
              "projection_class_embeddings_input_dim": 40 + 6 * 8},
     ),
 }
@@ -95,7 +100,8 @@ def build_pair(comfy, name: str, tmp_path):
     missing, unexpected = base.diffusion_model.load_state_dict(host_sd, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     base.eval()
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
 
     # An adapter in the release layout, its widths taken from diffusers' own attn2 modules.
     layers = diffusers_cross_attention_layers(unet)
@@ -110,7 +116,7 @@ def build_pair(comfy, name: str, tmp_path):
 
     # diffusers side: the authors' loading scheme, by processor position.
     processors = {}
-    for position, proc_name in enumerate(unet.attn_processors):
+    for proc_name in unet.attn_processors:
         processors[proc_name] = AttnProcessor2_0()
     unet.set_attn_processor(processors)
     return unet, patcher, adapter, layers, sd

@@ -16,6 +16,7 @@ from conftest import PromptRejected
 from support.bad_files import BAD_FILES
 from support.graphs import TINY_ADAPTER, adapter_graph
 
+
 def pixels(server, result, node="7") -> list[np.ndarray]:
     assert result.ok, result.error_message()
     return [np.asarray(Image.open(server.output_file(image)).convert("RGB")).astype(np.int16)

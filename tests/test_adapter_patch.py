@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 from comfyui_iqa_adapter.scripts import random_weights
@@ -21,10 +22,11 @@ DESCRIPTOR = Descriptor(metrics=("topiq_nr", "laion_aes"), source="test")
 
 # Depth layouts of the host's detected configs (comfy/supported_models.py + model_detection), small channels.
 SD15_SMALL = dict(random_weights.SD15_UNET_CONFIG, image_size=32, model_channels=64, context_dim=96)
-SDXL_SMALL = dict(random_weights.SDXL_UNET_CONFIG, image_size=32, model_channels=64, context_dim=128, adm_in_channels=64)
+SDXL_SMALL = dict(random_weights.SDXL_UNET_CONFIG, image_size=32, model_channels=64, context_dim=128,
+                  adm_in_channels=64)
 # SSD-1B-like: SDXL widths, fewer transformer blocks (the released 70-layer mapping does not apply).
-SSD1B_SMALL = dict(SDXL_SMALL, transformer_depth=[0, 0, 2, 2, 4, 4], transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4],
-                   transformer_depth_middle=-1)
+SSD1B_SMALL = dict(SDXL_SMALL, transformer_depth=[0, 0, 2, 2, 4, 4],
+                   transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4], transformer_depth_middle=-1)
 
 
 def build_small_model(comfy, config_class: str, unet_config: dict, seed: int = 0):
@@ -50,7 +52,8 @@ def build_small_model(comfy, config_class: str, unet_config: dict, seed: int = 0
 
 def random_adapter(model, seed=1, num_tokens=2, input_dim=2):
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
-    sd = random_weights.random_adapter_state_dict(context_dim, widths, num_tokens=num_tokens, input_dim=input_dim, seed=seed)
+    sd = random_weights.random_adapter_state_dict(context_dim, widths, num_tokens=num_tokens, input_dim=input_dim,
+                                                  seed=seed)
     weights = checkpoint.split_state_dict(sd)
     proj = projection.QualityProjection.from_weights(weights.image_proj, weights.info)
     return iqa_adapter.IQAAdapter("<random>", weights.info, DESCRIPTOR, proj, weights.to_k_ip, weights.to_v_ip)

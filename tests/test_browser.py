@@ -16,10 +16,9 @@ import urllib.request
 
 import pytest
 
+from comfyui_iqa_adapter.scripts import workflow_tools
 from conftest import comfy_server_module
 from test_workflows import tiny_assets  # noqa: F401 - fixture: tiny metric weights, adapters, input images
-
-from comfyui_iqa_adapter.scripts import workflow_tools
 
 pytestmark = pytest.mark.browser
 
@@ -80,7 +79,8 @@ def test_ui_workflows_exist():
     assert {"sdxl_quality_target", "sd15_quality_target", "degradation_sweep", "reference_transfer",
             "gradient_guidance", "score_images"} <= names, names
     link = ROOT / "example_workflows"
-    assert link.resolve() == workflow_tools.UI_DIR.resolve(), "example_workflows/ must point at workflows/ui (template browser)"
+    assert link.resolve() == workflow_tools.UI_DIR.resolve(), \
+        "example_workflows/ must point at workflows/ui (template browser)"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
@@ -97,10 +97,12 @@ def test_workflow_loads_in_frontend(page, path):
                                             has_errors: !!n.has_errors,
                                             // combo values not among the server's options (files the user supplies)
                                             absent: (n.widgets || []).filter(w => w.type === 'combo' && w.options
-                                                && Array.isArray(w.options.values) && !w.options.values.includes(w.value))
+                                                && Array.isArray(w.options.values)
+                                                && !w.options.values.includes(w.value))
                                                 .map(w => w.name),
                                             // '$$' widgets are the frontend's own (e.g. an image preview)
-                                            widgets: (n.widgets || []).filter(w => !String(w.name).startsWith('$$')).length}));
+                                            widgets: (n.widgets || []).filter(w => !String(w.name).startsWith('$$'))
+                                                .length}));
             const prompt = await app.graphToPrompt();
             const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 600));
             document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
@@ -153,12 +155,14 @@ def test_workflow_layout_in_frontend(page, path):
             await new Promise(r => setTimeout(r, 300));
             document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());  // missing models
             const canvas = app.canvas;
-            const groups = (app.graph._groups || app.graph.groups || []).map(g => Array.from(g._bounding || g.bounding));
+            const groups = (app.graph._groups || app.graph.groups || [])
+                .map(g => Array.from(g._bounding || g.bounding));
             const nodes = (app.graph._nodes || app.graph.nodes).map(n => ({
                 id: n.id, name: n.title || n.type, box: Array.from(n.getBounding()), size: Array.from(n.size),
                 needed: Array.from(n.computeSize()),
-                texts: (n.widgets || []).filter(w => w.element && w.element.tagName === 'TEXTAREA' && w.element.isConnected)
-                                        .map(w => [w.element.scrollHeight, w.element.clientHeight])}));
+                texts: (n.widgets || [])
+                    .filter(w => w.element && w.element.tagName === 'TEXTAREA' && w.element.isConnected)
+                    .map(w => [w.element.scrollHeight, w.element.clientHeight])}));
             return {nodes, groups, scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
                     view: [canvas.canvas.clientWidth, canvas.canvas.clientHeight]};
         }""", json.loads(path.read_text()))
@@ -176,7 +180,8 @@ def test_workflow_layout_in_frontend(page, path):
     assert cramped == [], f"{path.name}: stored size smaller than the node's rows: {cramped}"
     notes = [n for n in nodes if n["name"] == "Note"]
     assert notes and all(n["texts"] for n in notes), f"{path.name}: the Note's text box was not rendered"
-    scrolling = [(n["id"], n["name"], n["texts"]) for n in nodes for scroll, client in n["texts"] if scroll > client + 1]
+    scrolling = [(n["id"], n["name"], n["texts"])
+                 for n in nodes for scroll, client in n["texts"] if scroll > client + 1]
     assert scrolling == [], f"{path.name}: text boxes that need scrolling: {scrolling}"
     scale, (off_x, off_y), (view_w, view_h) = result["scale"], result["offset"], result["view"]
     outside = []
@@ -271,8 +276,9 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
     dialog = _open_templates(page)
     card = dialog.locator(f"[data-testid='template-workflow-{title}']")
     card.scroll_into_view_if_needed()
-    page.wait_for_function("(card) => { const i = card.querySelector('img'); return i && i.complete && i.naturalWidth; }",
-                           arg=card.element_handle(), timeout=30_000)
+    page.wait_for_function(
+        "(card) => { const i = card.querySelector('img'); return i && i.complete && i.naturalWidth; }",
+        arg=card.element_handle(), timeout=30_000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"templates_{title}.png"))
     assert card.locator("h3").first.inner_text().strip() == title
@@ -286,7 +292,8 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
     page.wait_for_function(
         """(wanted) => { const nodes = window.app.graph._nodes || window.app.graph.nodes;
                          return nodes.length === wanted.length && wanted.every(([id, type, x, y]) => nodes.some(n =>
-                             String(n.id) === id && n.type === type && Math.abs(n.pos[0] - x) < 1 && Math.abs(n.pos[1] - y) < 1)); }""",
+                             String(n.id) === id && n.type === type
+                             && Math.abs(n.pos[0] - x) < 1 && Math.abs(n.pos[1] - y) < 1)); }""",
         arg=[[str(n["id"]), n["type"], *n["pos"]] for n in workflow["nodes"]], timeout=60_000)
     page.wait_for_timeout(1500)  # the missing-models dialog (base checkpoints the test host lacks)
     page.keyboard.press("Escape")
@@ -326,7 +333,7 @@ def _click_run(page):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", RUN_EXAMPLES)
-def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
+def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):  # noqa: F811 - fixture
     """Load the example, point it at the tiny models, click Run, and find the scores on the page: the
     score table rendered on each scoring node, and the score card it previews; the grown cards leave
     the workflow whole in view."""
@@ -336,10 +343,10 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name):
         """async ([workflow, tiny]) => {
             const app = window.app;
             await app.loadGraphData(workflow, true, true, null);
-            const setTiny = %s;
+            const setTiny = {TINY_WIDGETS};
             for (const node of (app.graph._nodes || app.graph.nodes)) setTiny(node, tiny);
             app.graph.setDirtyCanvas(true, true);
-        }""" % TINY_WIDGETS, [workflow, tiny])
+        }""".replace("{TINY_WIDGETS}", TINY_WIDGETS), [workflow, tiny])
     page.keyboard.press("Escape")
     _click_run(page)
     expected = ["piqe", "Spearman rho"] if name == "degradation_sweep" else ["piqe"]

@@ -114,3 +114,62 @@ def test_method_citations_name_existing_sections_and_nothing_outside_the_repo():
     assert not dangling, f"citations of sections {METHOD_DOC} does not have:\n" + "\n".join(dangling)
     assert not outside, "citations of files outside the repository:\n" + "\n".join(outside)
 
+
+
+# ------------------------------------------------------------------ the import graph
+
+PACK = "comfyui_iqa_adapter"
+LAYERS = ("adapter", "models", "nodes")
+HOST_MODULES = {"comfy", "comfy_api", "comfy_execution", "folder_paths", "server", "execution", "nodes",
+                "latent_preview"}
+
+
+def test_import_graph_is_layered_and_has_no_circle():
+    """`__init__ -> nodes -> adapter -> models`: adapter/ and models/ never import the host or nodes/, models/
+    never imports adapter/, and no module reaches itself through imports (type-only imports included)."""
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    graph = {}
+    for layer in LAYERS:
+        for path in sorted((root / layer).rglob("*.py")):
+            parts = (PACK, layer, *path.relative_to(root / layer).with_suffix("").parts)
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            package = ".".join(parts[:-1]) if parts[-1] != "__init__" else module
+            edges, host = set(), set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    name = f"{base}.{node.module}" if node.module else base
+                    for alias in node.names:  # `from . import x` names a module; `from .m import f` does not
+                        edges.add(f"{name}.{alias.name}" if not node.module else name)
+                elif isinstance(node, ast.ImportFrom | ast.Import):
+                    names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                    host.update(n.split(".")[0] for n in names if n.split(".")[0] in HOST_MODULES)
+                    edges.update(n for n in names if n.startswith(PACK + "."))
+            graph[module] = (edges, host)
+    modules = set(graph)
+    resolved = {m: {e for e in edges if e in modules} for m, (edges, _) in graph.items()}
+    assert len(modules) > 30 and sum(map(len, resolved.values())) > 40, "the graph must be read, not empty"
+    for module, (_, host) in graph.items():
+        layer = module.split(".")[1]
+        if layer in ("adapter", "models"):
+            assert not host, f"{module} imports the host: {host}"
+            assert not any(e.split(".")[1] == "nodes" for e in resolved[module]), f"{module} imports nodes/"
+        if layer == "models":
+            assert not any(e.split(".")[1] == "adapter" for e in resolved[module]), f"{module} imports adapter/"
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(resolved[module]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target] if target in path else [module, target]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if not state.get(target):
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(modules):
+        if not state.get(module):
+            visit(module, [module])

@@ -22,10 +22,10 @@ import torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="SKIPPED LOUDLY: hypothesis is not installed "
                                                       "(requirements-dev.txt; CI installs it)")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from comfyui_iqa_adapter.adapter import errors, projection  # noqa: E402
-
 from conftest import TINY_ADAPTER  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
@@ -141,8 +141,8 @@ def test_fuzz_sidecar_json(pack, text):
 # ---------------------------------------------------------------- safetensors headers
 
 DTYPES = st.sampled_from(["F32", "F16", "BF16", "I32", "F64", "BOOL", "X9", 7])
-DIMS = st.lists(st.one_of(st.integers(-3, 70000), st.just(10 ** 12), st.just(2 ** 63), st.floats(), st.text(max_size=3)),
-                max_size=4)
+DIMS = st.lists(st.one_of(st.integers(-3, 70000), st.just(10 ** 12), st.just(2 ** 63), st.floats(),
+                          st.text(max_size=3)), max_size=4)
 OFFSETS = st.one_of(st.tuples(st.integers(-5, 5000), st.integers(-5, 5000)).map(list), JSON_VALUE)
 ENTRY_HEADER = st.one_of(st.fixed_dictionaries({"dtype": DTYPES, "shape": DIMS, "data_offsets": OFFSETS}), JSON_VALUE)
 KEYS = st.sampled_from(["image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight",
@@ -185,7 +185,8 @@ TOKEN_META = st.fixed_dictionaries({
 
 @FUZZ
 @given(rows=st.one_of(st.integers(0, 3), st.integers(3000, 10 ** 6), st.just(10 ** 12)),
-       n=st.sampled_from([0, 2, 4, 5000]), c=st.sampled_from([4, 768, 10 ** 6]), dtype=st.sampled_from(["F32", "F16", "I32"]),
+       n=st.sampled_from([0, 2, 4, 5000]), c=st.sampled_from([4, 768, 10 ** 6]),
+       dtype=st.sampled_from(["F32", "F16", "I32"]),
        metadata=TOKEN_META, fill=st.sampled_from([0.5, 1e30, math.nan, -math.inf]), real_data=st.booleans())
 def test_fuzz_token_files(pack, rows, n, c, dtype, metadata, fill, real_data):
     adapter_nodes, _, scratch, _ = pack
@@ -194,8 +195,10 @@ def test_fuzz_token_files(pack, rows, n, c, dtype, metadata, fill, real_data):
     # real data only when small; otherwise the header claims what the file does not hold
     data = b""
     if real_data and data_len <= 8 * 1024 ** 2:
-        element = torch.full((1,), fill, dtype={"F32": torch.float32, "F16": torch.float16}.get(dtype, torch.int32)
-                             if dtype != "I32" else torch.int32) if dtype != "I32" else torch.zeros(1, dtype=torch.int32)
+        if dtype == "I32":
+            element = torch.zeros(1, dtype=torch.int32)
+        else:
+            element = torch.full((1,), fill, dtype={"F32": torch.float32, "F16": torch.float16}.get(dtype, torch.int32))
         data = element.numpy().tobytes() * (data_len // max(1, element.element_size()))
     name = f"tok_{uuid.uuid4().hex[:10]}.safetensors"
     (scratch / "input" / name).write_bytes(struct.pack("<Q", len(raw)) + raw + data)

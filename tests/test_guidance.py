@@ -16,6 +16,7 @@ import tempfile
 
 import pytest
 import torch
+
 from comfyui_iqa_adapter.adapter import guidance
 from comfyui_iqa_adapter.adapter.errors import InputError
 from comfyui_iqa_adapter.scripts import random_weights
@@ -186,7 +187,8 @@ def mean_score(setup, scale, **kwargs):
     sampler = kwargs.pop("sampler", "euler")
     cfg = kwargs.pop("cfg", 5.0)
     patched = guided(setup, scale, **kwargs)
-    return sum(final_score(setup, sample(setup, patched, seed, sampler=sampler, cfg=cfg)) for seed in SEEDS) / len(SEEDS)
+    scores = [final_score(setup, sample(setup, patched, seed, sampler=sampler, cfg=cfg)) for seed in SEEDS]
+    return sum(scores) / len(SEEDS)
 
 
 def test_guiding_score_rises_with_scale_and_falls_with_target_lower(setup):
@@ -407,6 +409,7 @@ def test_decoder_and_metric_are_host_patchers_on_the_guided_model(comfy, setup):
 
     import comfy.model_management
     import comfy.model_patcher
+
     from comfyui_iqa_adapter.nodes import metric_nodes
 
     nodes, vae, metric = setup["nodes"], setup["vae"], setup["metric"]

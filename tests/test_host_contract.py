@@ -127,6 +127,7 @@ def test_pyiqa_is_not_imported_at_server_start(host_dir):
 
 def test_model_folders_are_registered_once_at_import_and_in_on_load(comfy):
     import folder_paths
+
     from comfyui_iqa_adapter.nodes import IQAAdapterExtension, paths
 
     for name in (paths.ADAPTER_FOLDER, paths.METRIC_FOLDER):
@@ -267,7 +268,8 @@ def _call_shapes():
         "ProgressBar.update_absolute": (utils.ProgressBar.update_absolute, (x, x, x), {}),
         "comfy.utils.load_torch_file": (utils.load_torch_file, (x,), {"safe_load": True}),
         "comfy.sd.load_checkpoint_guess_config": (
-            sd.load_checkpoint_guess_config, (x,), {"output_vae": True, "output_clip": True, "embedding_directory": None}),
+            sd.load_checkpoint_guess_config, (x,),
+            {"output_vae": True, "output_clip": True, "embedding_directory": None}),
         "comfy.taesd.taesd.TAESD": (taesd.TAESD, (), {"latent_channels": x}),
         "comfy.ldm.modules.attention.optimized_attention":
             (attention.optimized_attention, (x, x, x, x), {"attn_precision": x, "transformer_options": x}),
@@ -372,7 +374,6 @@ def test_selected_host_is_the_one_running(comfy_server, host_dir, host_version):
 def test_host_is_inside_the_declared_range(host_version):
     """pyproject's requires-comfyui states exactly the tested range: every host the tests run lies in it."""
     import tomllib
-
     from packaging.specifiers import SpecifierSet
 
     declared = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"]

@@ -14,11 +14,12 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from support import third_party
+from safetensors.torch import load_file, save_file
+
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, layers, projection
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
 from comfyui_iqa_adapter.scripts import random_weights
-from safetensors.torch import save_file, load_file
+from support import third_party
 from support.graphs import TINY_CHECKPOINT, encode_target
 from test_adapter_patch import SD15_SMALL, SDXL_SMALL, build_small_model, forward
 
@@ -46,7 +47,8 @@ def iqa_adapter_for(adapter_patch, model, seed=1):
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
     weights = checkpoint.split_state_dict(random_weights.random_adapter_state_dict(context_dim, widths, seed=seed))
     proj = projection.QualityProjection.from_weights(weights.image_proj, weights.info)
-    adapter = iqa_adapter.IQAAdapter("<random>", weights.info, Descriptor(metrics=("topiq_nr", "laion_aes"), source="test"),
+    adapter = iqa_adapter.IQAAdapter("<random>", weights.info,
+                                    Descriptor(metrics=("topiq_nr", "laion_aes"), source="test"),
                                     proj, weights.to_k_ip, weights.to_v_ip)
     return adapter, iqa_adapter.encode_tokens(adapter, torch.tensor([[2.0, -1.0]]))
 

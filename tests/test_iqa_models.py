@@ -163,7 +163,8 @@ def test_a_build_patches_only_what_pyiqa_sees(tmp_path, monkeypatch, network_att
         attempt("tensors, positional map_location", lambda: guarded.load(str(tensors), "cpu"))
         attempt("pickled object", lambda: guarded.load(str(code), "cpu"))
         attempt("torchscript", lambda: guarded.jit.load(str(tensors)))
-        attempt("download", lambda: guarded.hub.download_url_to_file("https://example.invalid/x.pth", str(tmp_path / "x")))
+        attempt("download",
+                lambda: guarded.hub.download_url_to_file("https://example.invalid/x.pth", str(tmp_path / "x")))
         build_network(self, *args, **kwargs)
 
     monkeypatch.setattr(cnniqa_arch.CNNIQA, "__init__", spying_init)

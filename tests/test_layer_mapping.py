@@ -43,12 +43,14 @@ def host(comfy):
 
 
 def diffusers_unet(config):
-    diffusers = pytest.importorskip("diffusers", reason="SKIPPED LOUDLY: diffusers is needed to build the reference UNets")
+    diffusers = pytest.importorskip("diffusers",
+                                    reason="SKIPPED LOUDLY: diffusers is needed to build the reference UNets")
     with torch.device("meta"):
         return diffusers.UNet2DConditionModel(**config)
 
 
-LDM_ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.1\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
+LDM_ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)"
+                       r"\.1\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
 
 
 def host_order(comfy, unet):
@@ -84,7 +86,8 @@ def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, c
     assert widths == expected_model_widths == expected_widths
     assert unet_config["context_dim"] == context_dim
     # The middle block is last, as in diffusers (not in LDM execution order).
-    assert keys[-1][0] == "middle" and all(k[0] != "middle" for k in keys[:-int(unet_config["transformer_depth_middle"])])
+    middle_count = int(unet_config["transformer_depth_middle"])
+    assert keys[-1][0] == "middle" and all(k[0] != "middle" for k in keys[:-middle_count])
 
     # Same order from an unordered layout list.
     layout = layers.layout_from_unet_config(unet_config)
@@ -95,5 +98,6 @@ def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, c
 
 def test_sd15_adapter_refused_on_sdxl_layout(host):
     _, sdxl_widths, sdxl_config = host_order(host, diffusers_unet(SDXL_CONFIG))
-    with pytest.raises(ValueError, match=r"16 cross-attention layers \(C=768\) but the model has 70 \(context dim 2048\)"):
+    with pytest.raises(ValueError, match=r"16 cross-attention layers \(C=768\) "
+                                         r"but the model has 70 \(context dim 2048\)"):
         layers.check_layers_match(layers.SD15_LAYER_WIDTHS, 768, sdxl_widths, sdxl_config["context_dim"])

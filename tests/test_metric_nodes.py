@@ -167,7 +167,8 @@ def reference_setup(comfy_server, module_model_files):
     score_stem = "test_reference_score_kind"
     save_file(random_weights.random_adapter_state_dict(768, widths, input_dim=2),
               str(files.path("iqa_adapter", f"{score_stem}.safetensors")))
-    files.path("iqa_adapter", f"{score_stem}.json").write_text(json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
+    files.path("iqa_adapter", f"{score_stem}.json").write_text(
+        json.dumps({"kind": "score", "metrics": ["topiq_nr", "laion_aes"]}))
     names = [f"ref_{uuid.uuid4().hex[:8]}_{i}.png" for i in range(2)]
     _write_png(comfy_server.input_dir / names[0], seed=1)
     _write_png(comfy_server.input_dir / names[1], seed=2, smooth=True)
@@ -178,7 +179,8 @@ def _reference_prompt(adapter_name: str, image_name: str, prefix: str) -> dict:
     prompt = txt2img(ckpt=TINY_CHECKPOINT, steps=2, prefix=prefix)
     prompt.update({
         "10": {"class_type": "IQAAdapterLoader", "inputs": {"adapter_name": adapter_name}},
-        "11": {"class_type": "IQAMetricLoader", "inputs": {"metric": "cnniqa", "device": "cpu", "differentiable": False}},
+        "11": {"class_type": "IQAMetricLoader",
+               "inputs": {"metric": "cnniqa", "device": "cpu", "differentiable": False}},
         "12": {"class_type": "LoadImage", "inputs": {"image": image_name}},
         "13": {"class_type": "IQAAdapterEncodeReference",
                "inputs": {"adapter": ["10", 0], "reference": ["12", 0], "metric": ["11", 0]}},

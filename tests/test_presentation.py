@@ -9,8 +9,9 @@ from support.graphs import txt2img
 
 
 def _graph_module():
-    from comfyui_iqa_adapter.adapter import score_card  # noqa: F401 - pack importable
     import importlib
+
+    from comfyui_iqa_adapter.adapter import score_card  # noqa: F401 - pack importable
     return importlib.import_module("comfyui_iqa_adapter.nodes.graph")
 
 

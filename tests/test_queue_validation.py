@@ -11,7 +11,7 @@ import copy
 import pytest
 
 from conftest import PromptRejected
-from support.graphs import TINY_ADAPTER, add_score, adapter_graph, txt2img
+from support.graphs import TINY_ADAPTER, adapter_graph, add_score, txt2img
 
 PACK_CHECK = "custom_validation_failed"
 

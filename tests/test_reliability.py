@@ -24,11 +24,19 @@ from safetensors.torch import save_file
 
 from comfyui_iqa_adapter.adapter import iqa_adapter, projection
 from comfyui_iqa_adapter.scripts import random_weights
-
 from conftest import ComfyServer, PromptRejected, comfy_server_module
 from support.bad_files import BAD_FILES_BY_NAME
-from support.graphs import SCORE_METRIC, TINY_ADAPTER, add_guidance, add_score, adapter_graph, \
-    empty_image, encode_target, txt2img, unique_prefix
+from support.graphs import (
+    SCORE_METRIC,
+    TINY_ADAPTER,
+    adapter_graph,
+    add_guidance,
+    add_score,
+    empty_image,
+    encode_target,
+    txt2img,
+    unique_prefix,
+)
 from support.host_models import ModelFiles
 
 PACK_NODES = ["IQAAdapterLoader", "IQAAdapterEncodeTarget", "IQAAdapterApply", "IQAMetricLoader", "IQAScore"]
@@ -161,7 +169,7 @@ def image_array(server, result, node: str = "7") -> np.ndarray:
     return np.asarray(Image.open(server.output_file(images[0])))
 
 
-# ---------------------------------------------------------------- bad files (the file matrix itself: test_adapter_nodes.py)
+# ------------------------------------------------------- bad files (the file matrix itself: test_adapter_nodes.py)
 
 def test_fewer_or_more_layers_than_the_model(server, scratch, tiny_adapter):
     widths = list(tiny_adapter.info.layer_widths)
@@ -316,7 +324,8 @@ QUEUE_TIME_KINDS = {"percentile", "start_after_end", "batch_mismatch"}
 
 def _bad_prompt(kind: str, index: int, truncated_name: str) -> tuple[dict, str, tuple[str, ...]]:
     if kind == "percentile":
-        return tokens_graph(TINY_ADAPTER, targets=f"topiq_nr={150 + index}, laion_aes=50"), "IQAAdapterEncodeTarget", ("(0, 100)",)
+        return (tokens_graph(TINY_ADAPTER, targets=f"topiq_nr={150 + index}, laion_aes=50"), "IQAAdapterEncodeTarget",
+                ("(0, 100)",))
     if kind == "nan_weight":
         return adapter_graph(weight=float("nan"), seed=index, steps=1), "IQAAdapterApply", ("finite",)
     if kind == "start_after_end":
@@ -359,7 +368,7 @@ def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
         except PromptRejected as error:
             rejected.append((job, error))
     survived, lost, failures = 0, 0, []
-    for (kind, node, needles, prompt), prompt_id in queued:
+    for (kind, node, needles, _prompt), prompt_id in queued:
         try:
             result = server.wait(prompt_id, timeout=900)
         except (TimeoutError, RuntimeError) as error:
@@ -388,9 +397,10 @@ def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
         else:
             lost += 1
             failures.append(f"{kind}: {detail}")
-    for (kind, node, needles, prompt), error in rejected:
+    for (kind, node, _needles, _prompt), error in rejected:
         # mistakes the graph shows (ranges, start > end, rows vs a literal batch size) are refused at queue time
-        if node is not None and kind.removeprefix("bad:") in QUEUE_TIME_KINDS and node in json.dumps(error.body.get("node_errors", {})):
+        if (node is not None and kind.removeprefix("bad:") in QUEUE_TIME_KINDS
+                and node in json.dumps(error.body.get("node_errors", {}))):
             survived += 1
             continue
         lost += 1
@@ -407,7 +417,8 @@ def test_load_100_prompts_30_bad(server, scratch, adapter_dir):
 
 def test_patched_prompt_leaves_the_cached_model_clean(server, tmp_path):
     seed = 777001
-    patched = server.run(adapter_graph(seed=seed, steps=2, weight=1.5, prefix=unique_prefix("iso_patched")), timeout=600)
+    patched = server.run(adapter_graph(seed=seed, steps=2, weight=1.5, prefix=unique_prefix("iso_patched")),
+                         timeout=600)
     assert patched.ok, patched.error_message()
     plain = server.run(txt2img(seed=seed, steps=2, prefix=unique_prefix("iso_plain")),
                        timeout=600)
@@ -501,7 +512,8 @@ def _interrupt_long_run(server, prompt: dict, steps: int, label: str) -> None:
     assert not result.ok, f"{label}: the prompt completed despite the interrupt"
     assert any(kind == "execution_interrupted" for kind, _ in result.messages), result.messages
     assert latency < max(5.0, 3 * step_time + 1.0), f"{label}: took {latency:.1f} s to stop (step {step_time:.2f} s)"
-    after = server.run(txt2img(seed=int(time.time()) % 100000, steps=1, prefix=unique_prefix("after_interrupt")), timeout=600)
+    after = server.run(txt2img(seed=int(time.time()) % 100000, steps=1, prefix=unique_prefix("after_interrupt")),
+                       timeout=600)
     assert after.ok, f"{label}: the next prompt failed: {after.error_message()}"
     healthy(server)
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT
 from comfyui_iqa_adapter.adapter import sweep
+from conftest import PACK_ROOT, TINY_ADAPTER, TINY_CHECKPOINT
 
 PYTHON = sys.executable
 
@@ -47,7 +47,8 @@ def test_sweep_rows_hold_and_raw():
     assert [r["topiq_nr"] for r in t.rows] == [50.0, 50.0, 50.0]
     assert [r["laion_aes"] for r in t.rows] == [1.0, 50.0, 99.0]
     # percentile knots are exact CC3M values (docs/METHOD.md §4)
-    assert t.raw[0]["laion_aes"] == pytest.approx(3.372, abs=1e-3) and t.raw[2]["laion_aes"] == pytest.approx(5.925, abs=1e-3)
+    assert t.raw[0]["laion_aes"] == pytest.approx(3.372, abs=1e-3)
+    assert t.raw[2]["laion_aes"] == pytest.approx(5.925, abs=1e-3)
     same = sweep.build_sweep(["topiq_nr", "laion_aes"], "laion_aes", 1, 99, 2, hold="same")
     assert same.rows == [{"topiq_nr": 1.0, "laion_aes": 1.0}, {"topiq_nr": 99.0, "laion_aes": 99.0}]
     assert sweep.targets_text(same.rows) == "topiq_nr=1, laion_aes=1; topiq_nr=99, laion_aes=99"
@@ -216,9 +217,9 @@ def test_cli_resumes_without_redoing_items(comfy_server, tmp_path):
 
 
 def test_cli_finds_nodes_and_complains_clearly():
+    from comfyui_iqa_adapter.adapter import sweep_jobs
     from comfyui_iqa_adapter.scripts import sweep as cli
     from support.graphs import txt2img
-    from comfyui_iqa_adapter.adapter import sweep_jobs
 
     graph = txt2img()
     assert cli.find_prompt_node(graph) == "2"  # wired to the sampler's positive input

@@ -18,8 +18,9 @@ def test_item_key_is_the_content():
     assert key == sweep_jobs.item_key(WF, "a dog", 1, "percentile", "*=50", ["piqe"])
     assert sweep_jobs.item_key(WF, "a dog", 1, "percentile", "*=50", ["piqe", "topiq_nr"]) == \
         sweep_jobs.item_key(WF, "a dog", 1, "percentile", "*=50", ["topiq_nr", "piqe"])  # a set
-    changed = [(WF[:-1] + "x", "a dog", 1, "percentile", "*=50", ["piqe"]), (WF, "a cat", 1, "percentile", "*=50", ["piqe"]),
-               (WF, "a dog", 2, "percentile", "*=50", ["piqe"]), (WF, "a dog", 1, "zscore", "*=50", ["piqe"]),
+    changed = [(WF[:-1] + "x", "a dog", 1, "percentile", "*=50", ["piqe"]),
+               (WF, "a cat", 1, "percentile", "*=50", ["piqe"]), (WF, "a dog", 2, "percentile", "*=50", ["piqe"]),
+               (WF, "a dog", 1, "zscore", "*=50", ["piqe"]),
                (WF, "a dog", 1, "percentile", "*=51", ["piqe"]), (WF, "a dog", 1, "percentile", "*=50", [])]
     assert len({key, *(sweep_jobs.item_key(*c) for c in changed)}) == 1 + len(changed)
     assert sweep_jobs.target_row(25, None) == "*=25"
@@ -60,7 +61,8 @@ def test_prepare_graph_renders_one_batch_per_prompt():
         sweep_jobs.prepare_graph(graph, batch, "percentile", None)
     single = sweep_jobs.plan(WF, ["a dog"], [11], [30], "percentile", None, [], 8)[0]
     inputs = sweep_jobs.prepare_graph(graph, single, "percentile")["11"]["inputs"]
-    assert (inputs["quality"], inputs["targets"], inputs["percentile"], inputs["mode"]) == ("custom", "", 30.0, "percentile")
+    assert (inputs["quality"], inputs["targets"], inputs["percentile"], inputs["mode"]) == \
+        ("custom", "", 30.0, "percentile")
     with pytest.raises(SweepError, match="--targets-text"):  # the slider is a percentile
         sweep_jobs.prepare_graph(graph, single, "zscore")
     text = sweep_jobs.plan(WF, ["a dog"], [11], [5, 6], "raw", "piqe={t}", [], 8)[0]

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection, training, training_data, training_layout
 from comfyui_iqa_adapter.scripts import random_weights
 
@@ -54,7 +55,8 @@ def make_images(folder: pathlib.Path, count: int, seed: int = 0, size=(80, 96)) 
 def random_module(base, seed=3, input_dim=1) -> training.TrainableAdapter:
     """A trainable module with random weights (not the to_k/to_v copies) so every path matters."""
     module = training.TrainableAdapter(base.cross_attention_dim, base.layer_widths, input_dim, 2)
-    state = random_weights.random_adapter_state_dict(base.cross_attention_dim, base.layer_widths, 2, input_dim, seed=seed)
+    state = random_weights.random_adapter_state_dict(base.cross_attention_dim, base.layer_widths, 2, input_dim,
+                                                     seed=seed)
     module.load_state_dict(state, strict=True)
     return module.attach(base).eval()
 
@@ -115,6 +117,7 @@ def test_trainer_forward_equals_the_inference_patch(base, tiny_checkpoint):
 
 def test_saved_adapter_reloads_through_the_nodes(base, tiny_checkpoint, tmp_path):
     import folder_paths
+
     from comfyui_iqa_adapter.nodes import adapter_nodes
 
     model = tiny_checkpoint[0]
@@ -237,7 +240,8 @@ def test_two_processes_equal_one(host_dir, tmp_path):
     single = subprocess.run(_train_command(tmp_path / "one", data), env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    double = subprocess.run(launcher + _train_command(tmp_path / "two", data)[1:], env=env, capture_output=True, text=True)
+    double = subprocess.run(launcher + _train_command(tmp_path / "two", data)[1:], env=env, capture_output=True,
+                            text=True)
     assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
     a, b = load_file(str(tmp_path / "one" / "one.safetensors")), load_file(str(tmp_path / "two" / "two.safetensors"))
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -318,7 +322,8 @@ def test_trainer_checkpoint_converts_loss_free(base, tmp_path):
     ddp_state = {f"module.{k}": v for k, v in module.state_dict().items()}
     assert training_layout.to_released(ddp_state).keys() == released.keys()
     for position in range(len(base.layer_widths)):
-        assert torch.equal(from_checkpoint.to_k_ip[position], released[training_layout.released_layer_key(position, "to_k_ip")])
+        released_key = training_layout.released_layer_key(position, "to_k_ip")
+        assert torch.equal(from_checkpoint.to_k_ip[position], released[released_key])
     assert all(torch.equal(from_checkpoint.image_proj[k[len("image_proj."):]], v)
                for k, v in released.items() if k.startswith("image_proj."))
 
@@ -329,6 +334,7 @@ def test_cli_refuses_bad_settings_before_loading_anything(host_dir, tmp_path):
     cc3m = subprocess.run(_train_command(tmp_path / "a", data, ["--normalization", "cc3m"]), env=env,
                           capture_output=True, text=True)
     assert cc3m.returncode != 0 and "unknown metric 'piqe': it has no CC3M statistics" in cc3m.stderr
-    empty = subprocess.run(_train_command(tmp_path / "b", tmp_path / "nothing"), env=env, capture_output=True, text=True)
+    empty = subprocess.run(_train_command(tmp_path / "b", tmp_path / "nothing"), env=env, capture_output=True,
+                           text=True)
     assert empty.returncode != 0 and "neither a folder nor a .tar shard" in empty.stderr
     assert not (tmp_path / "a" / "labels").exists()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from comfyui_iqa_adapter.adapter import checkpoint, iqa_adapter, projection, training_layout
-from comfyui_iqa_adapter.scripts import random_weights
 from comfyui_iqa_adapter.adapter.descriptor import Descriptor
+from comfyui_iqa_adapter.scripts import random_weights
 
 diffusers = pytest.importorskip("diffusers", reason="SKIPPED LOUDLY: diffusers is not installed (requirements-dev.txt)")
 
@@ -67,9 +68,8 @@ def authors_training_state(released: dict[str, torch.Tensor]) -> dict[str, torch
 
 @pytest.fixture(scope="module")
 def sdxl_case(comfy):
-    from test_adapter_patch import SDXL_SMALL, build_small_model
-
     from comfyui_iqa_adapter.nodes import adapter_patch
+    from test_adapter_patch import SDXL_SMALL, build_small_model
 
     model = build_small_model(comfy, "SDXL", SDXL_SMALL, seed=4)
     _, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
@@ -113,12 +113,13 @@ def test_authors_state_patches_like_the_released_file(sdxl_case, tmp_path, varia
     descriptor = Descriptor(metrics=("topiq_nr", "laion_aes"), source="test")
 
     converted = tmp_path / "converted.safetensors"
-    training_layout.convert_training_output(folder, converted, DESCRIPTOR)
+    checkpoint.convert_training_output(folder, converted, DESCRIPTOR)
     direct = iqa_adapter.load_adapter(training_layout.training_output_file(folder), descriptor=descriptor)
     for adapter in (iqa_adapter.load_adapter(converted), direct):
         reference = iqa_adapter.load_adapter(released_path, descriptor=descriptor)
         assert adapter.info == reference.info
-        assert all(torch.equal(a, b) for a, b in zip(adapter.to_k_ip + adapter.to_v_ip, reference.to_k_ip + reference.to_v_ip))
+        assert all(torch.equal(a, b)
+                   for a, b in zip(adapter.to_k_ip + adapter.to_v_ip, reference.to_k_ip + reference.to_v_ip))
         vectors = torch.tensor([[1.5, -0.5], [-2.0, 1.0]])
         installed = []
         for loaded in (adapter, reference):
@@ -144,6 +145,8 @@ def test_disagreeing_copies_are_refused(sdxl_case, tmp_path):
 
 
 def test_diffusers_order_puts_the_mid_block_last():
-    paths = ["mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.0.attentions.2.transformer_blocks.9.attn2",
-             "down_blocks.2.attentions.1.transformer_blocks.0.attn2", "down_blocks.1.attentions.0.transformer_blocks.1.attn2"]
+    paths = ["mid_block.attentions.0.transformer_blocks.0.attn2",
+             "up_blocks.0.attentions.2.transformer_blocks.9.attn2",
+             "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+             "down_blocks.1.attentions.0.transformer_blocks.1.attn2"]
     assert sorted(paths, key=training_layout.diffusers_attn2_order) == paths[::-1]

@@ -17,9 +17,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import TINY_ADAPTER, TINY_CHECKPOINT, comfy_server_module
-
 from comfyui_iqa_adapter.scripts import workflow_tools
+from conftest import TINY_ADAPTER, TINY_CHECKPOINT, comfy_server_module
 
 EXAMPLES = workflow_tools.examples()  # API twin name -> UI file (named for people: the template's title)
 NAMES = list(EXAMPLES)
@@ -157,7 +156,7 @@ def test_validator_catches_broken_workflows(object_info):
     sampler["widgets_values"][4] = "no_such_sampler"              # bad combo value
     loader = next(n for n in broken["nodes"] if n["type"] == "IQAAdapterLoader")
     loader["type"] = "IQANoSuchNode"                                # unknown type
-    link = next(l for l in broken["links"] if l[5] == "LATENT")
+    link = next(candidate for candidate in broken["links"] if candidate[5] == "LATENT")
     link[5] = "IMAGE"                                               # type mismatch
     errors = "\n".join(workflow_tools.validate_ui(broken, object_info))
     assert "no_such_sampler" in errors and "IQANoSuchNode" in errors and "LATENT" in errors, errors
@@ -219,10 +218,11 @@ def test_ui_workflow_flows_left_to_right(name):
 @pytest.fixture(scope="module")
 def tiny_assets(comfy_server, module_model_files):
     """Random weights for the small metric, a tiny reference adapter, input images."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
     from comfyui_iqa_adapter.adapter import iqa_adapter, iqa_models
     from comfyui_iqa_adapter.scripts import random_weights
-    from safetensors.torch import save_file
-    from PIL import Image
 
     iqa_dir = comfy_server.models_dir / "iqa"
     expected = iqa_models.expected_weight_files(SMALL_METRIC, [str(iqa_dir)])

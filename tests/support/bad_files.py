@@ -11,7 +11,7 @@ import json
 import pathlib
 import pickle
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import save as safetensors_bytes

@@ -21,7 +21,8 @@ CROP_BOXES = [(40, 40, 240, 240), (260, 40, 460, 240), (40, 300, 240, 500), (260
               (150, 150, 350, 350), (150, 380, 350, 580)]
 HELD_OUT = 2  # the last crops are held out
 # strong enough to survive the 4x downscale to the training resolution
-DEGRADATIONS = [("clean", None), ("blur", 4.0), ("blur", 10.0), ("noise", 40.0), ("noise", 80.0), ("jpeg", 10), ("jpeg", 3)]
+DEGRADATIONS = [("clean", None), ("blur", 4.0), ("blur", 10.0), ("noise", 40.0), ("noise", 80.0),
+                ("jpeg", 10), ("jpeg", 3)]
 
 
 def photo():
