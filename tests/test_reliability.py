@@ -252,7 +252,9 @@ def test_token_rows_do_not_match_latent_batch(server):
     prompt["13"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["4", 0], "amount": 3}}
     prompt["4"]["inputs"]["batch_size"] = 1
     prompt["5"]["inputs"]["latent_image"] = ["13", 0]
-    expect_exec_error(server, prompt, "IQAAdapterApply", "tokens", "2 targets", "3")
+    # the patch runs inside KSampler: the host names KSampler, the message the node the user wired
+    message = expect_exec_error(server, prompt, "KSampler", "2 targets", "3")
+    assert "Apply Quality Adapter: tokens: " in message, message
     # 1 row for a batch of 2 and 2 rows for 2 are both fine
     result = server.run(adapter_graph(targets="topiq_nr=10, laion_aes=10; topiq_nr=90, laion_aes=90", batch=2, steps=1,
                                       seed=42), timeout=300)
@@ -665,12 +667,12 @@ def test_class4_every_error_names_node_and_input(server, scratch, tiny_adapter, 
     prompt = tokens_graph(TINY_ADAPTER)
     prompt["11"]["inputs"]["negative_scale"] = float("nan")
     expect_rejected(server, prompt, "IQAAdapterEncodeTarget", "negative_scale", "negative_scale")
-    message = expect_exec_error(server, sweep_tokens_graph(hold="not a number"), "IQATargetSweep", "hold")
-    assert ": hold: " in message, message
+    message = expect_rejected(server, sweep_tokens_graph(hold="not a number"), "IQATargetSweep", "hold")
+    assert "Quality Target Sweep: hold: " in message, message
     if "IQAGradientGuidance" in server.object_info():
         guided = add_guidance(add_score(adapter_graph(seed=3, steps=1), ["6", 0], differentiable=True),
                               max_resolution=8)
-        expect_exec_error(server, guided, "IQAGradientGuidance", "max_resolution", "at least 32")
+        expect_rejected(server, guided, "IQAGradientGuidance", "max_resolution", "at least 32")
     # paths: NUL bytes, over-long names
     save = tokens_graph(TINY_ADAPTER)
     save["13"]["inputs"]["filename_prefix"] = "bad\x00name"
