@@ -33,6 +33,28 @@ WINDOW = {"width": 1366, "height": 768}  # a laptop: every template must fit it
 FLAGS_ABSENT_VALUES_SINCE = (1, 48)
 
 
+# Loads a workflow into the graph after closing any dialog left by the previous case. The missing-models
+# dialog opens some time after loadGraphData returns (over a second on a loaded CI machine): where it is
+# expected, wait for it (up to 20 s) rather than for a fixed pause.
+LOAD_WORKFLOW = """async (workflow, waitForDialog) => {
+    document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
+    await new Promise(r => setTimeout(r, 100));
+    await window.app.loadGraphData(workflow, true, true, null);
+    await new Promise(r => setTimeout(r, 300));
+    for (let waited = 0; waitForDialog && waited < 20000 && !document.querySelector('.p-dialog'); waited += 100)
+        await new Promise(r => setTimeout(r, 100));
+}"""
+
+
+MISSING_MODELS_SHOWN = """() => Array.from(document.querySelectorAll('.p-dialog'))
+    .some(d => /missing/i.test(d.innerText) && /model/i.test(d.innerText))"""
+
+
+def _dialog_expected(page, workflow: dict) -> bool:
+    """Measured on 1.32.9: the missing-models dialog opens exactly when the workflow lists models."""
+    return bool(workflow.get("models")) and page.frontend_version < FLAGS_ABSENT_VALUES_SINCE
+
+
 def api_twin(workflow: dict) -> dict:
     return json.loads(workflow_tools.api_path(workflow_tools.slug_of(workflow)).read_text())
 
@@ -87,10 +109,9 @@ def test_ui_workflows_exist():
 def test_workflow_loads_in_frontend(page, path):
     workflow = json.loads(path.read_text())
     result = page.evaluate(
-        """async (workflow) => {
+        """async ([workflow, waitForDialog]) => {
             const app = window.app;
-            await app.loadGraphData(workflow, true, true, null);
-            await new Promise(r => setTimeout(r, 300));
+            await (LOAD_WORKFLOW)(workflow, waitForDialog);
             const nodes = app.graph._nodes || app.graph.nodes;
             const registered = window.LiteGraph.registered_node_types;
             const report = nodes.map(n => ({id: n.id, type: n.type, registered: !!registered[n.type],
@@ -107,7 +128,7 @@ def test_workflow_loads_in_frontend(page, path):
             const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 600));
             document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());
             return {report, output: prompt.output, dialogs};
-        }""", workflow)
+        }""".replace("LOAD_WORKFLOW", LOAD_WORKFLOW), [workflow, _dialog_expected(page, workflow)])
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{path.stem}.png"))
     assert len(result["report"]) == len(workflow["nodes"])
@@ -131,8 +152,8 @@ def test_workflow_loads_in_frontend(page, path):
     for dialog in result["dialogs"]:
         assert "missing" in dialog.lower() and "model" in dialog.lower(), result["dialogs"]
         assert models and all(m["name"] in dialog for m in models), (path.name, dialog)
-    if version < FLAGS_ABSENT_VALUES_SINCE:  # measured on 1.32.9: the dialog opens exactly when models miss
-        assert bool(result["dialogs"]) == bool(models), (path.name, result["dialogs"])
+    if version < FLAGS_ABSENT_VALUES_SINCE:
+        assert bool(result["dialogs"]) == _dialog_expected(page, workflow), (path.name, result["dialogs"])
     # The frontend's own UI -> API conversion equals our twin (widget order, links, control values).
     ours = api_twin(workflow)
     theirs = result["output"]
@@ -148,11 +169,11 @@ def test_workflow_layout_in_frontend(page, path):
     """As the frontend draws it: no two node rectangles (getBounding: title bar included) overlap, every
     stored size holds the node's rows (computeSize), Note texts need no scrolling, and the stored default
     view shows every node inside the window."""
+    workflow = json.loads(path.read_text())
     result = page.evaluate(
-        """async (workflow) => {
+        """async ([workflow, waitForDialog]) => {
             const app = window.app;
-            await app.loadGraphData(workflow, true, true, null);
-            await new Promise(r => setTimeout(r, 300));
+            await (LOAD_WORKFLOW)(workflow, waitForDialog);
             document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());  // missing models
             const canvas = app.canvas;
             const groups = (app.graph._groups || app.graph.groups || [])
@@ -165,7 +186,7 @@ def test_workflow_layout_in_frontend(page, path):
                     .map(w => [w.element.scrollHeight, w.element.clientHeight])}));
             return {nodes, groups, scale: canvas.ds.scale, offset: Array.from(canvas.ds.offset),
                     view: [canvas.canvas.clientWidth, canvas.canvas.clientHeight]};
-        }""", json.loads(path.read_text()))
+        }""".replace("LOAD_WORKFLOW", LOAD_WORKFLOW), [workflow, _dialog_expected(page, workflow)])
     nodes = result["nodes"]
     overlaps = []
     for i, a in enumerate(nodes):
@@ -295,7 +316,10 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
                              String(n.id) === id && n.type === type
                              && Math.abs(n.pos[0] - x) < 1 && Math.abs(n.pos[1] - y) < 1)); }""",
         arg=[[str(n["id"]), n["type"], *n["pos"]] for n in workflow["nodes"]], timeout=60_000)
-    page.wait_for_timeout(1500)  # the missing-models dialog (base checkpoints the test host lacks)
+    if _dialog_expected(page, workflow):  # the missing-models dialog (base checkpoints the test host lacks)
+        page.wait_for_function(MISSING_MODELS_SHOWN, timeout=20_000)
+    else:
+        page.wait_for_timeout(1500)
     page.keyboard.press("Escape")
     _dismiss_error_overlay(page)  # since 1.48: "N errors found" for the files the test host lacks
     assert page.evaluate(VIEW_SETTLED), f"{title}: the view kept moving (fit-to-view never settled)"
