@@ -1,7 +1,9 @@
 """The pack on an NVIDIA GPU under a host that manages VRAM itself (ComfyUI >= 0.12 with comfy-aimdo).
 
-Not part of CI (CI has no GPU). Run on a CUDA machine with a host set up beside the pack:
+Not part of CI (CI has no GPU). Run on a CUDA machine with the host's requirements installed:
+    python scripts/make_tiny_models.py --comfy /path/to/ComfyUI
     python scripts/gpu_host_check.py --comfy /path/to/ComfyUI --out gpu_check.json
+(the pack is linked into the host's custom_nodes if it is not installed there).
 Through the real server, without --cpu, it checks:
 1. the host's dynamic VRAM is active (its log says so), so host-managed modules carry native buffers;
 2. gradient quality guidance (decoder=vae, differentiable metric on the GPU) and the IQA-Adapter run;
@@ -20,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer
+from comfyui_iqa_adapter.scripts.comfy_server import ComfyServer, ensure_pack_linked
 
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
 TINY_ADAPTER = "tiny_sd15_iqa_adapter.safetensors"
@@ -95,6 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     from comfyui_iqa_adapter.scripts import random_weights
 
+    ensure_pack_linked(args.comfy)
     metric_folder = args.comfy / "models" / "iqa"
     metric_folder.mkdir(parents=True, exist_ok=True)
     random_weights.write_random_weights("cnniqa", str(metric_folder), seed=0)
