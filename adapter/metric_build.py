@@ -388,7 +388,8 @@ def build_metric(name: str, user_folders: Iterable[str] = (), device: str | torc
         build.apply_pending_loads(model.net)
     device = torch.device(device)
     model = model.to(device)
-    model.dummy_param = model.dummy_param.to(device)  # pyiqa reads the device from this plain tensor
+    if not isinstance(model.dummy_param, torch.nn.Parameter):  # a registered one moved with the module
+        model.dummy_param = model.dummy_param.to(device)  # pyiqa reads the device from this tensor
     _recompute_derived_features(model.net, device)
     model.eval()
     return model, list(build.files_used)

@@ -61,8 +61,7 @@ def main(argv=None) -> int:
         raise SystemExit("train: the trainer needs `accelerate`: pip install -r requirements-train.txt") from None
     cpu = args.device == "cpu" or (args.device == "auto" and not __import__("torch").cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision)
-    # 'cpu', not accelerate's 'cpu:0' (pyiqa keeps a device marker that must stay on its own device)
-    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    device = str(accelerator.device)
     comfy_dir = pathlib.Path(args.comfy).resolve()
     import_host(comfy_dir, cpu)
     from comfyui_iqa_adapter.adapter import training, training_data

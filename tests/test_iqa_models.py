@@ -91,6 +91,16 @@ def test_differentiable_scores_match_and_carry_gradients(weights_dir):
     torch.testing.assert_close(scores.detach(), plain.score(images.detach()), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["cnniqa", "piqe"])
+def test_an_indexed_device_name_is_the_same_device(weights_dir, name):
+    """accelerate names devices with an index ('cpu:0', 'cuda:1'): the metric builds and scores as on 'cpu'."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    plain = iqa_models.load_metric(name, [str(weights_dir)], "cpu", use_cache=False).score(images)
+    indexed = iqa_models.load_metric(name, [str(weights_dir)], "cpu:0", use_cache=False)
+    assert indexed.current_device().type == "cpu"
+    torch.testing.assert_close(indexed.score(images), plain, atol=0, rtol=0)
+
+
 def test_weight_free_metric_equals_pyiqa():
     import pyiqa
 
