@@ -37,58 +37,6 @@ def ordered_layer_keys(layout: Iterable[tuple[str, int, int]]) -> list[LayerKey]
     return [(name, block_id, j) for _, block_id, name, depth in blocks for j in range(depth)]
 
 
-def _per_level(value, levels: int, what: str) -> list[int]:
-    if isinstance(value, int):
-        return [value] * levels
-    value = list(value)
-    if len(value) != levels:
-        raise ValueError(f"unet config: {what} has {len(value)} entries for {levels} levels")
-    return value
-
-
-def layout_from_unet_config(unet_config: dict) -> list[tuple[str, int, int, int]]:
-    """LDM-style UNet config (ComfyUI's `model.model_config.unet_config`) -> (block_name, block_id, depth, width).
-
-    Uses the already-expanded per-res-block lists `transformer_depth` (input), `transformer_depth_output`
-    and `transformer_depth_middle`, as ComfyUI stores them.
-    """
-    channel_mult = list(unet_config["channel_mult"])
-    levels = len(channel_mult)
-    model_channels = int(unet_config["model_channels"])
-    num_res = _per_level(unet_config["num_res_blocks"], levels, "num_res_blocks")
-    depth_in = list(unet_config["transformer_depth"])
-    depth_out = list(unet_config["transformer_depth_output"])
-    depth_mid = unet_config.get("transformer_depth_middle")
-    if len(depth_in) != sum(num_res) or len(depth_out) != sum(n + 1 for n in num_res):
-        raise ValueError("unet config: transformer_depth / transformer_depth_output do not match num_res_blocks")
-
-    out: list[tuple[str, int, int, int]] = []
-    block_id, index = 0, 0  # input block 0 is the stem convolution
-    for level, mult in enumerate(channel_mult):
-        for _ in range(num_res[level]):
-            block_id += 1
-            out.append(("input", block_id, int(depth_in[index]), model_channels * mult))
-            index += 1
-        if level != levels - 1:
-            block_id += 1  # downsampler
-    if depth_mid is not None and int(depth_mid) > 0:
-        out.append(("middle", 0, int(depth_mid), model_channels * channel_mult[-1]))
-    block_id = 0
-    for level in reversed(range(levels)):
-        for _ in range(num_res[level] + 1):
-            out.append(("output", block_id, int(depth_out.pop()), model_channels * channel_mult[level]))
-            block_id += 1
-    return [entry for entry in out if entry[2] > 0]
-
-
-def layers_from_unet_config(unet_config: dict) -> tuple[list[LayerKey], list[int]]:
-    """Keys in checkpoint order and the hidden width of each layer."""
-    layout = layout_from_unet_config(unet_config)
-    width_of = {(name, block_id): width for name, block_id, _, width in layout}
-    keys = ordered_layer_keys((name, block_id, depth) for name, block_id, depth, _ in layout)
-    return keys, [width_of[(name, block_id)] for name, block_id, _ in keys]
-
-
 def check_layers_match(adapter_widths: list[int], adapter_context_dim: int, model_widths: list[int],
                        model_context_dim: int | None = None, adapter_name: str = "adapter") -> None:
     """Raise a ValueError that says what differs when an adapter does not fit a model."""

@@ -151,9 +151,8 @@ class IQAAttn2Patch:
     """attn2 replace patch for one layer: text attention (own or a chained patch's), branches other packs
     added to it, then + weight * quality attention."""
 
-    def __init__(self, layer_key, k_cond, v_cond, k_uncond, v_uncond, weight: float, window: SigmaWindow,
+    def __init__(self, k_cond, v_cond, k_uncond, v_uncond, weight: float, window: SigmaWindow,
                  previous=None, label: str = ""):
-        self.layer_key = layer_key
         self.kv_cpu = (k_cond, v_cond, k_uncond, v_uncond)  # (B_t, N, hidden) fp32 CPU each
         self.targets = k_cond.shape[0]
         self.weight = float(weight)
@@ -341,7 +340,7 @@ def apply_iqa_adapter(model, adapter, tokens, weight: float = 1.0, start_at: flo
         k_all, v_all = kv[position]
         # The host looks up the 3-tuple key first, then (block_name, block_id): chain whichever is there.
         previous = existing.get(key, existing.get(key[:2]))
-        patch = IQAAttn2Patch(key, k_all[:b].contiguous(), v_all[:b].contiguous(), k_all[b:].contiguous(),
+        patch = IQAAttn2Patch(k_all[:b].contiguous(), v_all[:b].contiguous(), k_all[b:].contiguous(),
                               v_all[b:].contiguous(), weight, window, previous=previous, label=label)
         patched.set_model_attn2_replace(patch, key[0], key[1], key[2])
         if key[:2] in single:  # where a pack keys this layer (block, id) it finds us (and is not shadowed)

@@ -69,7 +69,6 @@ class HostBase:
                 f"train: checkpoint {self.path}: prediction type {type(sampling).__name__} is not eps or v")
         sigmas = sampling.sigmas.detach().double().cpu()
         self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
-        self.sampling = sampling
         keys, widths, context_dim = adapter_patch.unet_cross_attention_layers(model)
         self.layer_keys, self.layer_widths, self.cross_attention_dim = keys, widths, context_dim
         self.base_model = model.model

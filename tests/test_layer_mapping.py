@@ -3,12 +3,14 @@
 Nothing is hard-coded: the full SD1.5 and SDXL diffusers UNets are built on the meta device (no
 memory, no weights), their `attn_processors` give the order the authors loaded `ip_adapter.<2k+1>`
 in, and the host's own `comfy.model_detection.unet_config_from_diffusers_unet` +
-`comfy.utils.unet_to_diffusers` translate each attn2 to its LDM/ComfyUI block. adapter/layers.py
-must produce exactly that sequence from the host's unet_config alone.
+`comfy.utils.unet_to_diffusers` translate each attn2 to its LDM/ComfyUI block. The pack's walk of the
+host's own UNet (nodes/adapter_patch.unet_cross_attention_layers, built from that unet_config on the meta
+device) must produce exactly that sequence.
 """
 from __future__ import annotations
 
 import re
+import types
 
 import pytest
 import torch
@@ -73,6 +75,15 @@ def host_order(comfy, unet):
     return keys, widths, unet_config
 
 
+def host_model(comfy, unet_config):
+    """The host's own UNet for that config, on the meta device (shapes only), as a model patcher holds it."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**unet_config, operations=comfy.ops.disable_weight_init, device=torch.device("meta"))
+    return types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
+
+
 @pytest.mark.parametrize("config, expected_widths, context_dim", [
     (SD15_CONFIG, layers.SD15_LAYER_WIDTHS, 768),
     (SDXL_CONFIG, layers.SDXL_LAYER_WIDTHS, 2048),
@@ -81,17 +92,21 @@ def test_layer_order_matches_diffusers_and_host(host, config, expected_widths, c
     unet = diffusers_unet(config)
     expected_keys, expected_model_widths, unet_config = host_order(host, unet)
     assert len(expected_keys) == len(expected_widths)  # 16 / 70
-    keys, widths = layers.layers_from_unet_config(unet_config)
+    from comfyui_iqa_adapter.nodes import adapter_patch  # needs the host's comfy_api on the path
+
+    keys, widths, walked_context_dim = adapter_patch.unet_cross_attention_layers(host_model(host, unet_config))
     assert keys == expected_keys
     assert widths == expected_model_widths == expected_widths
-    assert unet_config["context_dim"] == context_dim
+    assert unet_config["context_dim"] == walked_context_dim == context_dim
     # The middle block is last, as in diffusers (not in LDM execution order).
     middle_count = int(unet_config["transformer_depth_middle"])
     assert keys[-1][0] == "middle" and all(k[0] != "middle" for k in keys[:-middle_count])
 
     # Same order from an unordered layout list.
-    layout = layers.layout_from_unet_config(unet_config)
-    shuffled = [(name, block_id, depth) for name, block_id, depth, _ in reversed(layout)]
+    depths = {}
+    for name, block_id, _ in keys:
+        depths[(name, block_id)] = depths.get((name, block_id), 0) + 1
+    shuffled = [(name, block_id, depth) for (name, block_id), depth in reversed(list(depths.items()))]
     assert layers.ordered_layer_keys(shuffled) == expected_keys
     layers.check_layers_match(expected_widths, context_dim, widths, unet_config["context_dim"])
 
