@@ -8,9 +8,10 @@ v = to_v(context) and applies to_out to what the patch returns, so the patch ret
 Design decisions:
 - The quality tokens' keys/values are computed once per apply (fp32, CPU) and cached per
   (device, dtype) inside each patch object; the adapter's weights are not touched while sampling.
-  Hence the patches expose no `.models()`: there is no module for the host to load or offload, only
-  a few (N x hidden) tensors per layer that follow the activations' device. `cleanup()` (called by
-  hosts >= 0.17 after sampling) drops those per-device copies.
+  Hence the patches own no module for the host to load or offload, only a few (N x hidden) tensors per
+  layer that follow the activations' device; their `.models()` passes on those of the patches they chain,
+  which the host no longer sees on the key. `cleanup()` (called by hosts >= 0.17 after sampling) drops
+  the per-device copies.
 - Other packs' attention patches, either order. A patch found on the layer's key is chained: it computes
   the text part (plus its own branches). A pack applied after us finds our object on the key it uses and
   adds its branch to it, IPAdapter_plus style (`.add(callback, **kwargs)`; `.set_new_condition(**kwargs)`
@@ -205,10 +206,15 @@ class IQAAttn2Patch:
         return [patch for patch in (self.previous, self.foreign) if patch is not None]
 
     def to(self, device):  # ModelPatcher.model_patches_to; our cache moves lazily, chained patches move now
-        for patch in self._chained():
-            if hasattr(patch, "to"):
-                patch.to(device)
+        # The host keeps what a patch's .to returns; so do we for the patches we took off the key.
+        if self.previous is not None and hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device)
+        if self.foreign is not None and hasattr(self.foreign, "to"):
+            self.foreign = self.foreign.to(device)
         return self
+
+    def models(self):  # ModelPatcher.model_patches_models: what the chained patches need loaded (ours: none)
+        return [model for patch in self._chained() if hasattr(patch, "models") for model in patch.models()]
 
     def cleanup(self):  # ModelPatcher.cleanup after sampling (hosts >= 0.17)
         self._device_cache.clear()

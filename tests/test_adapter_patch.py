@@ -247,6 +247,44 @@ def test_chains_existing_patch_and_two_adapters_add(tiny):
                                atol=1e-4, rtol=1e-5)
 
 
+def test_chained_patches_keep_their_models_and_device_moves(comfy, tiny):
+    """A patch we take off a key may hold a module the host must load (`.models()`, as the host asks every
+    patch on a key) and may return a new object from `.to` (the host keeps the result): both still hold."""
+    import comfy.model_patcher
+
+    model, adapter, x, context = tiny
+    held = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+
+    class ForeignPatch:  # another pack's attn2 patch that owns a module
+        def __init__(self, moved_to=None):
+            self.moved_to = moved_to
+
+        def __call__(self, q, k, v, extra_options):
+            from comfy.ldm.modules.attention import optimized_attention
+            return optimized_attention(q, k, v, extra_options["n_heads"])
+
+        def models(self):
+            return [held]
+
+        def to(self, device):
+            return ForeignPatch(moved_to=device)
+
+    other = model.clone()
+    keys = adapter_patch.unet_cross_attention_layers(model)[0]
+    for key in keys:
+        other.set_model_attn2_replace(ForeignPatch(), *key)
+    assert other.model_patches_models() == [held] * len(keys)
+    patched = adapter_patch.apply_iqa_adapter(other, adapter, tokens_for(adapter, [[2.0, 2.0]]), 1.0)
+    ours = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert all(isinstance(patch, adapter_patch.IQAAttn2Patch) for patch in ours.values())
+    assert held in patched.model_patches_models()
+    alone = adapter_patch.apply_iqa_adapter(model, adapter, tokens_for(adapter, [[2.0, 2.0]]), 1.0)
+    assert alone.model_patches_models() == []
+    patched.model_patches_to(torch.device("cpu"))
+    assert {patch.previous.moved_to for patch in ours.values()} == {torch.device("cpu")}
+    forward(patched, x, context, [1, 0])  # the moved foreign patches still run
+
+
 def test_clone_gets_views_sharing_tensors(tiny):
     """A clone's patches share the precomputed tensors and caches (nothing duplicated) but are their own
     objects, so a pack adding a branch to the clone's patch leaves the original model alone."""
