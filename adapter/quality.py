@@ -212,13 +212,10 @@ def parse_targets(text: str, max_rows: int | None = None) -> list[dict[str, floa
                                  "e.g. 'topiq_nr=99, laion_aes=90' (rows separated by ';' or new lines)", "targets")
             name, raw_value = match.groups()
             try:
-                value = float(raw_value)
-            except ValueError:
-                raise InputError(f"targets row {row_number}: value of {quote(name)} is not a number: "
-                                 f"{quote(raw_value)}", "targets") from None
-            if not math.isfinite(value):
-                raise InputError(f"targets row {row_number}: value of {quote(name)} must be finite, got "
-                                 f"{quote(raw_value)}", "targets")
+                value = cc3m.parse_finite(raw_value)
+            except ValueError as why:
+                raise InputError(f"targets row {row_number}: value of {quote(name)} is {why}: {quote(raw_value)}",
+                                 "targets") from None
             if name in target:
                 raise InputError(f"targets row {row_number}: {quote(name)} given twice", "targets")
             target[name] = value

@@ -118,12 +118,10 @@ def parse_hold(hold: str) -> float | str | None:
     if text in ("", "same"):
         return text or None
     try:
-        value = float(text)
+        return cc3m.parse_finite(text)
     except ValueError:
-        raise InputError(f"hold must be empty (CC3M median), 'same', or a number; got {quote(hold)}", "hold") from None
-    if not math.isfinite(value):
-        raise InputError(f"hold must be finite, got {quote(hold)}", "hold")
-    return value
+        raise InputError(f"hold must be empty (CC3M median), 'same', or a finite number, got {quote(hold)}",
+                         "hold") from None
 
 
 def hold_value(metric: str, hold: str, mode: str) -> float | None:

@@ -45,14 +45,23 @@ class MetricStats:
         return (raw - self.mean) / self.std
 
 
-def _parse_float(text: str, metric: str, column: str, path: pathlib.Path) -> float:
+def parse_finite(text) -> float:
+    """A finite number written as text (a target, a hold value, a statistics cell); a ValueError that says
+    'not a number' or 'not finite' otherwise, for the caller to put in its own context with the text."""
     try:
         value = float(text)
-    except ValueError:
-        raise ValueError(f"{path}: metric {metric!r}, column {column!r}: not a number: {text!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError("not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{path}: metric {metric!r}, column {column!r}: not finite: {text!r}")
+        raise ValueError("not finite")
     return value
+
+
+def _parse_float(text: str, metric: str, column: str, path: pathlib.Path) -> float:
+    try:
+        return parse_finite(text)
+    except ValueError as why:
+        raise ValueError(f"{path}: metric {metric!r}, column {column!r}: {why}: {text!r}") from None
 
 
 def parse_stats_csv(path: str | pathlib.Path) -> dict[str, MetricStats]:
