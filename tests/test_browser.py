@@ -218,6 +218,58 @@ def test_workflow_layout_in_frontend(page, path):
     assert outside == [], f"{path.name}: nodes outside the default view ({view_w}x{view_h}): {outside}"
 
 
+# ------------------------------------------------------------------------------------ inputs that depend on each other
+
+DEPENDENT_INPUTS = """() => {
+    const app = window.app, LG = window.LiteGraph;
+    const find = (node, name) => node.widgets.find(w => w.name === name);
+    const choose = (widget, value) => { widget.value = value; widget.callback?.(value); };  // as a click does
+    const added = [];
+    const add = type => { const node = LG.createNode(type); app.graph.add(node); added.push(node); return node; };
+    const out = {presets: {}, spacings: {}};
+    const target = add("IQAAdapterEncodeTarget");
+    for (const name of find(target, "quality").options.values) {
+        choose(find(target, "quality"), name);
+        out.presets[name] = find(target, "percentile").value;
+    }
+    choose(find(target, "quality"), "best");
+    choose(find(target, "percentile"), 42);
+    out.after_slider = find(target, "quality").value;
+    const sweep = add("IQATargetSweep");
+    const greyed = node => ["start", "stop", "steps"].filter(name => find(node, name).disabled);
+    for (const spacing of find(sweep, "spacing").options.values) {
+        choose(find(sweep, "spacing"), spacing);
+        out.spacings[spacing] = greyed(sweep);
+    }
+    find(sweep, "spacing").value = "paper";  // a saved node: values come back without callbacks
+    const saved = sweep.serialize();
+    const reopened = add("IQATargetSweep");
+    out.fresh = greyed(reopened);
+    reopened.configure(saved);
+    out.reopened = greyed(reopened);
+    out.reopened_steps = find(reopened, "steps").value;
+    added.forEach(node => app.graph.remove(node));
+    return out;
+}"""
+
+
+def test_inputs_that_depend_on_each_other_stay_in_step(page):
+    """Quality Target: each preset moves the slider to its percentile (the node's own table), and moving the
+    slider selects 'custom'. Quality Target Sweep: a spacing with fixed targets greys out what it does not
+    read, also when a saved workflow opens with it; the values themselves are kept."""
+    from comfyui_iqa_adapter.adapter import quality, sweep
+
+    result = page.evaluate(DEPENDENT_INPUTS)
+    assert {name: result["presets"][name] for name in quality.QUALITY_PRESETS} == quality.QUALITY_PRESETS, result
+    assert result["after_slider"] == "custom", result
+    assert set(result["spacings"]) == set(sweep.SPACINGS)
+    assert result["spacings"] == {"linear": [], "normal": [], "quantile-knots": ["steps"],
+                                  "paper": ["start", "stop", "steps"]}, result
+    assert result["fresh"] == [] and result["reopened"] == ["start", "stop", "steps"], result
+    assert result["reopened_steps"] == 8, result
+    assert not page.page_errors, page.page_errors
+
+
 # ------------------------------------------------------------------------------------- the template browser
 
 # Which parts of the graph a user cannot see in the window: points over every node (title bar included)

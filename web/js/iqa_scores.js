@@ -3,7 +3,6 @@
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const NODES = new Set(["IQAScore", "IQASweepReport", "IQAAdapterEncodeTarget", "IQATargetSweep"]);
-const PRESETS = { best: 99, high: 90, good: 75, average: 50, low: 25, worst: 1 };
 
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -68,23 +67,6 @@ function addStyle() {
   document.head.appendChild(style);
 }
 
-function syncPresetAndSlider(node) {
-  // The preset writes the slider; moving the slider away from the preset's value selects "custom".
-  const preset = node.widgets?.find((w) => w.name === "quality");
-  const slider = node.widgets?.find((w) => w.name === "percentile");
-  if (!preset || !slider) return;
-  const presetCallback = preset.callback;
-  preset.callback = function (value, ...rest) {
-    if (value in PRESETS) slider.value = PRESETS[value];
-    return presetCallback?.apply(this, [value, ...rest]);
-  };
-  const sliderCallback = slider.callback;
-  slider.callback = function (value, ...rest) {
-    if (preset.value in PRESETS && PRESETS[preset.value] !== Number(value)) preset.value = "custom";
-    return sliderCallback?.apply(this, [value, ...rest]);
-  };
-}
-
 app.registerExtension({
   name: "IQAAdapter.Scores",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -103,13 +85,5 @@ app.registerExtension({
       this.setSize([Math.max(this.size[0], size[0], 340), Math.max(this.size[1], size[1] + preview)]);
       this.setDirtyCanvas?.(true, true);
     };
-    if (nodeData.name === "IQAAdapterEncodeTarget") {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const result = onNodeCreated?.apply(this, arguments);
-        syncPresetAndSlider(this);
-        return result;
-      };
-    }
   },
 });
