@@ -44,8 +44,8 @@ class IQATargetSweep(io.ComfyNode):
                 io.Float.Input("stop", display_name="to", default=99.0, min=-1000.0, max=1000.0, step=0.5,
                                tooltip="Last target."),
                 io.Int.Input("steps", default=8, min=1, max=sweep.MAX_SWEEP_STEPS,
-                             tooltip="Number of targets (default 8, evenly spaced from 'from' to 'to'; ignored "
-                                     "by 'quantile-knots' and 'paper')."),
+                             tooltip="Number of targets (default 8, evenly spaced from 'from' to 'to'); greyed "
+                                     "out under 'quantile-knots' and 'paper', whose targets are fixed."),
                 io.Combo.Input("mode", options=list(quality.TARGET_MODES), default="percentile",
                                tooltip="percentile: CC3M percentile; zscore: normalised value; raw: metric units."),
                 io.Combo.Input("spacing", options=list(sweep.SPACINGS), default="linear",
@@ -53,7 +53,7 @@ class IQATargetSweep(io.ComfyNode):
                                        "(1, 5, 10, 25, 50, 75, 90, 95, 99) inside [from, to]; normal: evenly "
                                        "spaced in z, denser in the tails (percentile mode); paper: the "
                                        "paper's five targets, percentiles 1, 25, 50, 75, 99 (from/to/steps "
-                                       "ignored)."),
+                                       "greyed out: not used)."),
                 io.String.Input("hold", default="",
                                 tooltip="Value of the adapter's metrics that are not swept: empty = CC3M median "
                                         "(p50 / z 0 / raw median), a number (in 'mode' units), or 'same' = the "
