@@ -241,6 +241,10 @@ DEPENDENT_INPUTS = """() => {
         choose(find(sweep, "spacing"), spacing);
         out.spacings[spacing] = greyed(sweep);
     }
+    out.hold_greyed = [find(sweep, "hold").disabled];  // metrics empty: every metric is swept
+    choose(find(sweep, "metrics"), "topiq_nr");
+    out.hold_greyed.push(find(sweep, "hold").disabled);
+    choose(find(sweep, "metrics"), "");
     find(sweep, "spacing").value = "paper";  // a saved node: values come back without callbacks
     const saved = sweep.serialize();
     const reopened = add("IQATargetSweep");
@@ -256,7 +260,8 @@ DEPENDENT_INPUTS = """() => {
 def test_inputs_that_depend_on_each_other_stay_in_step(page):
     """Quality Target: each preset moves the slider to its percentile (the node's own table), and moving the
     slider selects 'custom'. Quality Target Sweep: a spacing with fixed targets greys out what it does not
-    read, also when a saved workflow opens with it; the values themselves are kept."""
+    read, also when a saved workflow opens with it (the values themselves are kept); 'hold' is greyed while
+    'metrics' is empty (every metric is swept)."""
     from comfyui_iqa_adapter.adapter import quality, sweep
 
     result = page.evaluate(DEPENDENT_INPUTS)
@@ -267,6 +272,7 @@ def test_inputs_that_depend_on_each_other_stay_in_step(page):
                                   "paper": ["start", "stop", "steps"]}, result
     assert result["fresh"] == [] and result["reopened"] == ["start", "stop", "steps"], result
     assert result["reopened_steps"] == 8, result
+    assert result["hold_greyed"] == [True, False], result
     assert not page.page_errors, page.page_errors
 
 

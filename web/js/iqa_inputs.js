@@ -1,7 +1,8 @@
 // Inputs that depend on each other, kept honest on the canvas: no widget looks used while it is not.
 // - Quality Target: the preset writes the percentile slider; moving the slider away selects "custom".
 // - Quality Target Sweep: a spacing with fixed targets greys out what it does not read
-//   (quantile-knots: steps; paper: from, to and steps). Values stay as they were and are still saved.
+//   (quantile-knots: steps; paper: from, to and steps), and 'hold' while 'metrics' is empty (every metric
+//   is swept then). Values stay as they were and are still saved.
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const PRESETS = { best: 99, high: 90, good: 75, average: 50, low: 25, worst: 1 };
@@ -40,6 +41,9 @@ function greyUnusedSweepInputs(node) {
     const input = widget(node, name);
     if (input) input.disabled = unused.includes(name);
   }
+  const metrics = widget(node, "metrics");
+  const hold = widget(node, "hold");
+  if (metrics && hold) hold.disabled = !String(metrics.value ?? "").trim();
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -60,8 +64,10 @@ app.registerExtension({
     }
     if (nodeData.name === "IQATargetSweep") {
       after(nodeType, "onNodeCreated", (node) => {
-        const spacing = widget(node, "spacing");
-        if (spacing) chainCallback(spacing, () => greyUnusedSweepInputs(node));
+        for (const name of ["spacing", "metrics"]) {
+          const input = widget(node, name);
+          if (input) chainCallback(input, () => greyUnusedSweepInputs(node));
+        }
         greyUnusedSweepInputs(node);
       });
       after(nodeType, "onConfigure", greyUnusedSweepInputs);  // a saved workflow sets values without callbacks
