@@ -349,8 +349,8 @@ def _dismiss_error_overlay(page):
 
 @pytest.mark.parametrize("path", UI_FILES, ids=[p.stem for p in UI_FILES])
 def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # noqa: F811 - fixture
-    """As a user: Templates in the sidebar, this pack's category, the card (title = the file name, our
-    thumbnail beside it), click; the workflow opens whole in a 1366x768 window, under no panel."""
+    """As a user: Templates in the sidebar, this pack's category, the card (title = the file name, whole,
+    our thumbnail beside it), click; the workflow opens whole in a 1366x768 window, under no panel."""
     title, workflow = path.stem, json.loads(path.read_text())
     dialog = _open_templates(page)
     card = dialog.locator(f"[data-testid='template-workflow-{title}']")
@@ -360,7 +360,9 @@ def test_template_opens_from_the_template_browser(page, tiny_assets, path):  # n
         arg=card.element_handle(), timeout=30_000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"templates_{title}.png"))
-    assert card.locator("h3").first.inner_text().strip() == title
+    heading = card.locator("h3").first
+    assert heading.inner_text().strip() == title
+    assert heading.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), f"{title}: the card cuts its title"
     thumbnail = card.locator("img").first
     assert thumbnail.get_attribute("alt") == title
     shown = thumbnail.evaluate("i => [i.naturalWidth, i.naturalHeight]")
