@@ -36,6 +36,21 @@ def _records(out) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+def _server_pid(out) -> int | None:
+    try:
+        return json.loads((out / "workers.json").read_text()).get("w0", {}).get("server_pid")
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
+
+
+def _run_slice(pid: int, seconds: float = 0.5) -> bool:
+    """Let a stopped process run for a moment, then stop it again."""
+    os.kill(pid, signal.SIGCONT)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGSTOP)
+    return True
+
+
 def _pixels(out, record) -> bytes:
     from PIL import Image
     return np.asarray(Image.open(out / record["image"]).convert("RGB")).tobytes()
@@ -72,8 +87,16 @@ def test_ray_sweep_survives_a_dead_server_and_matches_one_server(tmp_path):
     one = tmp_path / "one_server"
     local = common + ["--seeds", *SEEDS, "-1", "--out", str(one)]
     process = subprocess.Popen(local, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(r["status"] == "ok" for r in _records(one)), process, "a first finished batch")
-    process.send_signal(signal.SIGINT)
+    server = _wait_for(lambda: _server_pid(one), process, "the worker's server")
+    # The server runs in short slices until a first batch is recorded, so that however loaded this machine
+    # is, the sweep cannot finish before the Ctrl-C reaches it.
+    os.kill(server, signal.SIGSTOP)
+    try:
+        _wait_for(lambda: _run_slice(server) and any(r["status"] == "ok" for r in _records(one)), process,
+                  "a first finished batch")
+        process.send_signal(signal.SIGINT)
+    finally:
+        os.kill(server, signal.SIGCONT)
     rc, out, err = _finish(process, 600)
     assert rc == 130, err[-3000:]
     assert "interrupted" in err
