@@ -447,7 +447,16 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name): 
         """() => {
             const app = window.app;
             const nodes = (app.graph._nodes || app.graph.nodes).filter(n => n.type === 'IQAScore');
+            const ds = app.canvas.ds, top = app.canvas.canvas.getBoundingClientRect().top;
+            // graph units between a node's text (its bottom edge on the page) and the node's bottom edge
+            const room = (app.graph._nodes || app.graph.nodes)
+                .filter(n => (n.widgets || []).some(w => w.name === 'iqa_scores'))
+                .map(n => { const text = n.widgets.find(w => w.name === 'iqa_scores').element;
+                            const bottom = (text.getBoundingClientRect().bottom - top) / ds.scale - ds.offset[1];
+                            return [n.type, Math.round(n.pos[1] + n.size[1] - bottom),
+                                    text.scrollHeight - text.clientHeight]; });
             return {
+                room,
                 tables: Array.from(document.querySelectorAll('.iqa-scores')).map(e => e.innerText),
                 cards: nodes.map(n => (n.imgs && n.imgs.length) || (app.nodeOutputs && app.nodeOutputs[n.id]
                                        && (app.nodeOutputs[n.id].images || []).length) || 0),
@@ -462,6 +471,12 @@ def test_run_shows_scores_on_the_canvas(page, comfy_server, tiny_assets, name): 
     assert shown["cards"] and all(count >= 1 for count in shown["cards"]), f"score card not previewed: {shown}"
     if name == "degradation_sweep":
         assert any("Spearman rho" in t for t in shown["tables"]), shown["tables"]
+    # the preview (score card, sweep grid and chart) gets its space below the text, inside the node
+    previewing = [(kind, room) for kind, room, _ in shown["room"] if kind in ("IQAScore", "IQASweepReport")]
+    print(f"room below the text on frontend {page.frontend_version}: {shown['room']}")
+    assert previewing and all(room >= 180 for _, room in previewing), previewing
+    # and the text is whole: no scrolling inside its box
+    assert all(hidden <= 1 for _, _, hidden in shown["room"]), shown["room"]
     assert not page.page_errors, page.page_errors
     _assert_whole_in_view(page, f"{name} after Run")
 

@@ -51,9 +51,18 @@ function scoreWidget(node) {
   element.className = "iqa-scores";
   element.style.cssText = "font: 12px sans-serif; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);" +
     "border-radius: 6px; padding: 4px 8px; overflow: auto; max-height: 320px; user-select: text;";
-  widget = node.addDOMWidget("iqa_scores", "iqa_scores", element, { serialize: false, hideOnZoom: false });
+  const content = document.createElement("div");
+  content.style.display = "flow-root";  // its height includes its children's margins
+  element.appendChild(content);
+  // The text's own height, fixed: frontends that lay DOM widgets out by min/max height (1.4x and later)
+  // would otherwise stretch it over the space the node keeps for its preview image.
+  const height = () => Math.min(320, 32 + content.offsetHeight);  // + padding and the frontend's margins
+  widget = node.addDOMWidget("iqa_scores", "iqa_scores", element, {
+    serialize: false, hideOnZoom: false, getMinHeight: height, getMaxHeight: height, getHeight: height,
+  });
   widget.serialize = false;
-  widget.computeSize = () => [node.size[0], Math.min(320, 24 + element.scrollHeight)];
+  widget.computeSize = () => [node.size[0], height()];  // frontends that ask the widget (1.32)
+  widget.content = content;
   return widget;
 }
 
@@ -78,7 +87,7 @@ app.registerExtension({
       const text = message?.text;
       if (!text || !text.length) return;
       const widget = scoreWidget(this);
-      widget.element.innerHTML = renderMarkdown(Array.isArray(text) ? text.join("\n\n") : text);
+      widget.content.innerHTML = renderMarkdown(Array.isArray(text) ? text.join("\n\n") : text);
       // room for the table and, below it, the image the node previews (score card, sweep grid)
       const size = this.computeSize();
       const preview = message?.images?.length ? 260 : 0;
